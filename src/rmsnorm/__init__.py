@@ -1,0 +1,9 @@
+"""rmsnorm: exact and fast RMSNorm / partial RMSNorm (Zhang & Sennrich, NeurIPS 2019) for PyTorch."""
+
+from .backends import BackendInfo, backends
+from .functional import rms_norm
+from .module import RMSNorm
+
+__version__ = "0.1.0"
+
+__all__ = ["BackendInfo", "RMSNorm", "__version__", "backends", "rms_norm"]

@@ -1,0 +1,170 @@
+"""Argument checking and resolution shared by the functional API, the module and the custom ops.
+
+Everything here runs on every call, so it is written to be cheap: a handful of ``isinstance`` and
+set-membership checks, no tensor operations.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+EPS_MODES = ("inside", "outside")
+CASTS = ("fp32", "llama")
+ROUNDINGS = ("ceil", "floor")
+FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+
+
+class Params:
+    """Resolved scalar arguments of one RMSNorm call, as the kernels see them.
+
+    ``k`` is the number of leading (flattened) elements of each row the RMS is taken over;
+    ``llama`` selects the cast of the normalized row to the input dtype before the gain multiply.
+    """
+
+    __slots__ = ("eps", "eps_outside", "k", "llama", "offset")
+
+    def __init__(self, k: int, eps: float, eps_outside: bool, offset: float, llama: bool) -> None:
+        self.k, self.eps, self.eps_outside, self.offset, self.llama = k, eps, eps_outside, offset, llama
+
+    def __repr__(self) -> str:
+        return (f"Params(k={self.k}, eps={self.eps}, eps_outside={self.eps_outside}, offset={self.offset}, "
+                f"llama={self.llama})")
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Params) and all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
+
+    def __hash__(self) -> int:
+        return hash(tuple(getattr(self, a) for a in self.__slots__))
+
+
+def partial_size(n: int, p: float, rounding: str = "ceil") -> int:
+    """Number of elements k the partial RMS is taken over: ceil(p*n) (paper) or floor(p*n) (authors' code).
+
+    A product that is an integer up to float round-off (0.07 * 100) counts as that integer, and
+    1 <= k <= n always.
+    """
+    if p >= 1.0:
+        return n
+    exact = p * n
+    nearest = round(exact)
+    if math.isclose(exact, nearest, rel_tol=1e-12, abs_tol=1e-9):
+        k = nearest
+    else:
+        k = math.ceil(exact) if rounding == "ceil" else math.floor(exact)
+    return min(max(k, 1), n)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype statistics accumulate in: fp64 for fp64 inputs, fp32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """eps=None, as torch.nn.RMSNorm computes it: machine epsilon of the compute dtype.
+
+    torch documents ``finfo(x.dtype).eps`` but its kernels use the epsilon of the accumulation type
+    (fp32 for fp16/bf16 inputs); we follow what torch computes so the module is a numerical drop-in.
+    """
+    return torch.finfo(compute_dtype(dtype)).eps
+
+
+def normalized_tuple(normalized_shape: int | Sequence[int] | torch.Size) -> tuple[int, ...]:
+    try:
+        shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(
+            int(s) for s in normalized_shape)
+    except TypeError:
+        raise TypeError(
+            f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
+        ) from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {shape}")
+    return shape
+
+
+def _check_float_tensor(name: str, t: object) -> None:
+    if type(t) is not torch.Tensor and not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have a floating dtype (fp16, bf16, fp32, fp64), got {t.dtype}")
+
+
+def check_options(eps: float | None, eps_mode: str, p: float, partial_rounding: str, offset: float,
+                  cast: str) -> None:
+    """Validate the scalar options (shared by the functional API and the module constructor)."""
+    if eps is not None:
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+            raise TypeError(f"eps must be a float or None, got {type(eps).__name__}")
+        if not eps >= 0.0 or math.isinf(eps):  # also rejects NaN
+            raise ValueError(f"eps must be a finite number >= 0, got {eps}")
+    if eps_mode not in EPS_MODES:
+        raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(f"p must be a float in (0, 1], got {type(p).__name__}")
+    if not 0.0 < p <= 1.0:  # also rejects NaN
+        raise ValueError(f"p must be in (0, 1], got {p}")
+    if partial_rounding not in ROUNDINGS:
+        raise ValueError(f"partial_rounding must be one of {ROUNDINGS}, got {partial_rounding!r}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise TypeError(f"offset must be a finite float, got {offset!r}")
+    if cast not in CASTS:
+        raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
+
+
+def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  residual: torch.Tensor | None, normalized_shape: tuple[int, ...] | None,
+                  out_dtype: torch.dtype | None, offset: float) -> tuple[int, int]:
+    """Validate the tensor arguments; return (number of normalized dims, number of normalized elements N)."""
+    _check_float_tensor("x", x)
+    xshape = x.shape
+    source = "normalized_shape"
+    if normalized_shape is None:
+        ref = weight if weight is not None else bias
+        if ref is not None:
+            source = "weight" if weight is not None else "bias"
+            _check_float_tensor(source, ref)
+            normalized_shape = ref.shape
+        else:
+            normalized_shape = xshape[-1:]
+    nd = len(normalized_shape)
+    if nd == 0 or len(xshape) < nd or xshape[-nd:] != normalized_shape:
+        raise ValueError(f"x of shape {tuple(xshape)} does not end with the normalized shape "
+                         f"{tuple(normalized_shape)} (from {source})")
+    xdev = x.device
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is None:
+            continue
+        _check_float_tensor(name, t)
+        if t.shape != normalized_shape:
+            raise ValueError(f"{name} must have the normalized shape {tuple(normalized_shape)}, "
+                             f"got {tuple(t.shape)}")
+        if t.device != xdev:
+            raise ValueError(f"{name} is on {t.device} but x is on {xdev}")
+    if weight is None and offset != 0.0:
+        raise ValueError("offset applies to the gain: it needs a weight (offset must be 0 without one)")
+    if residual is not None:
+        _check_float_tensor("residual", residual)
+        if residual.shape != xshape:
+            raise ValueError(f"residual must have the shape of x {tuple(xshape)}, got {tuple(residual.shape)}")
+        if residual.device != xdev:
+            raise ValueError(f"residual is on {residual.device} but x is on {xdev}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise TypeError(f"out_dtype must be a floating dtype (fp16, bf16, fp32, fp64), got {out_dtype}")
+    n = 1
+    for s in normalized_shape:
+        n *= s
+    return nd, n
+
+
+def default_out_dtype(h_dtype: torch.dtype, weight: torch.Tensor | None, cast: str) -> torch.dtype:
+    """Output dtype when out_dtype is None.
+
+    cast="fp32": the dtype of the normalized tensor (torch.nn.RMSNorm returns x's dtype, also for a
+    gain of another dtype). cast="llama": the promotion of that dtype and the gain's, as Hugging Face's
+    ``weight * hidden.to(input_dtype)`` gives.
+    """
+    if cast == "llama" and weight is not None:
+        return torch.promote_types(h_dtype, weight.dtype)
+    return h_dtype

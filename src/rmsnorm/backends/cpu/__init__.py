@@ -1,0 +1,39 @@
+"""The ``cpu`` backend: fused, multi-threaded, vectorized C++ kernels (see kernel.cpp)."""
+
+from __future__ import annotations
+
+import torch
+
+from ...args import Params
+from ..registry import Backend, register
+from . import build
+from .heuristics import blocks
+
+
+def _check_available() -> str | None:
+    build.load()
+    return None
+
+
+def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+            residual: torch.Tensor | None, nd: int, prm: Params, out_dtype: torch.dtype):
+    return build.module().forward(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside,
+                                  prm.offset, prm.llama, out_dtype, blocks(x))
+
+
+def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
+             bias: torch.Tensor | None, rstd: torch.Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool):
+    return build.module().backward(dy, dh, h, weight, bias, rstd, nd, prm.k, prm.eps, prm.eps_outside,
+                                   prm.offset, prm.llama, need_dw, need_db, blocks(h))
+
+
+BACKEND = register(Backend(
+    name="cpu",
+    priority=10,
+    devices=frozenset({"cpu"}),
+    dtypes=frozenset({torch.float32, torch.bfloat16, torch.float16}),
+    forward=forward,
+    backward=backward,
+    check_available=_check_available,
+    description="fused C++ forward/backward, vectorized with ATen Vectorized<>, threads over row blocks",
+))

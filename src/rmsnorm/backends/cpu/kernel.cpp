@@ -1,0 +1,408 @@
+// Fused RMSNorm / pRMSNorm CPU kernels (forward and backward), compiled for the host on first use.
+//
+// Rows are independent: the forward reads each row of x (and residual) once from memory and writes
+// y (and h) once; the backward reads h and dy once and writes dh once, accumulating dw/db into one fp32
+// partial buffer per block of rows. Blocks are fixed by the caller (rmsnorm.backends.cpu.heuristics),
+// partials are summed in block order: gradients are bitwise reproducible for a given block count.
+// Second passes over a row re-read it from cache. Math: see rmsnorm/reference.py.
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/ATen.h>
+#include <torch/csrc/utils/pybind.h>
+
+#include <cmath>
+#include <tuple>
+
+namespace {
+
+using at::vec::Vectorized;
+using fVec = Vectorized<float>;
+constexpr int64_t kF = fVec::size();
+constexpr int64_t kW = 2 * kF;  // elements per step: one Vectorized<bf16/fp16>, two of fp32
+
+// Load / store 2*kF elements of T as two fp32 vectors; the `n` overloads touch only n < kW elements.
+template <typename T>
+struct Io {
+  static void load(const T* p, fVec& a, fVec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  }
+  static void load(const T* p, fVec& a, fVec& b, int64_t n) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
+  }
+  static void store(T* p, const fVec& a, const fVec& b) {
+    at::vec::convert_from_float<T>(a, b).store(p);
+  }
+  static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+    at::vec::convert_from_float<T>(a, b).store(p, n);
+  }
+  static void round(fVec& a, fVec& b) {  // round through T (the "llama" cast)
+    std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
+  }
+};
+
+template <>
+struct Io<float> {
+  static void load(const float* p, fVec& a, fVec& b) {
+    a = fVec::loadu(p);
+    b = fVec::loadu(p + kF);
+  }
+  static void load(const float* p, fVec& a, fVec& b, int64_t n) {
+    a = fVec::loadu(p, std::min(n, kF));
+    b = n > kF ? fVec::loadu(p + kF, n - kF) : fVec(0.f);
+  }
+  static void store(float* p, const fVec& a, const fVec& b) {
+    a.store(p);
+    b.store(p + kF);
+  }
+  static void store(float* p, const fVec& a, const fVec& b, int64_t n) {
+    a.store(p, std::min(n, kF));
+    if (n > kF) b.store(p + kF, n - kF);
+  }
+  static void round(fVec&, fVec&) {}
+};
+
+// Calls f(j, n) over [j0, j1) in steps of kW; n < kW only for the tail.
+template <typename F>
+inline void steps(int64_t j0, int64_t j1, F&& f) {
+  int64_t j = j0;
+  for (; j + kW <= j1; j += kW) f(j, kW);
+  if (j < j1) f(j, j1 - j);
+}
+
+template <typename T>
+inline void load(const T* p, fVec& a, fVec& b, int64_t n) {
+  if (n == kW) Io<T>::load(p, a, b); else Io<T>::load(p, a, b, n);
+}
+template <typename T>
+inline void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+  if (n == kW) Io<T>::store(p, a, b); else Io<T>::store(p, a, b, n);
+}
+
+template <typename T>
+float sum_squares(const T* p, int64_t k) {
+  fVec s0(0.f), s1(0.f);
+  steps(0, k, [&](int64_t j, int64_t n) {
+    fVec a, b;
+    load(p + j, a, b, n);
+    s0 = at::vec::fmadd(a, a, s0);
+    s1 = at::vec::fmadd(b, b, s1);
+  });
+  return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
+}
+
+inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
+  const float ms = ss / static_cast<float>(k);
+  return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
+}
+
+struct Fwd {
+  const void* x; int64_t sx;
+  const void* res; int64_t sres;
+  void* h; void* y; float* rstd;
+  const float* g; const float* bias;
+  int64_t N, k; float eps; bool eps_outside, llama;
+};
+
+// TX: x, TH: the normalized tensor (residual's dtype with RES, else x's), TO: output.
+template <typename TX, typename TH, typename TO, bool RES>
+void forward_rows(const Fwd& a, int64_t r0, int64_t r1) {
+  const int64_t N = a.N;
+  for (int64_t r = r0; r < r1; ++r) {
+    const TX* x = static_cast<const TX*>(a.x) + r * a.sx;
+    const TH* h;
+    if constexpr (RES) {
+      const TH* res = static_cast<const TH*>(a.res) + r * a.sres;
+      TH* hw = static_cast<TH*>(a.h) + r * N;
+      steps(0, N, [&](int64_t j, int64_t n) {
+        fVec p, q, u, v;
+        load(x + j, p, q, n);
+        load(res + j, u, v, n);
+        store(hw + j, p + u, q + v, n);
+      });
+      h = hw;
+    } else {
+      h = reinterpret_cast<const TH*>(x);
+    }
+    const float rs = inv_rms(sum_squares(h, a.k), a.k, a.eps, a.eps_outside);
+    a.rstd[r] = rs;
+    const fVec vr(rs);
+    TO* y = static_cast<TO*>(a.y) + r * N;
+    steps(0, N, [&](int64_t j, int64_t n) {
+      fVec p, q, g0, g1;
+      load(h + j, p, q, n);
+      p = p * vr;
+      q = q * vr;
+      if (a.llama) Io<TH>::round(p, q);
+      load(a.g + j, g0, g1, n);
+      p = p * g0;
+      q = q * g1;
+      if (a.bias) {
+        fVec b0, b1;
+        load(a.bias + j, b0, b1, n);
+        p = p + b0;
+        q = q + b1;
+      }
+      store(y + j, p, q, n);
+    });
+  }
+}
+
+struct Bwd {
+  const void* dy; int64_t sdy;
+  const void* dh; int64_t sdh;
+  const void* h; int64_t sh;
+  const float* rstd; const float* g;
+  void* dx;
+  float* dw; float* db;  // (blocks, N) partials, or null
+  int64_t N, k; float eps; bool eps_outside, llama;
+};
+
+// TH: the normalized tensor and its gradient, TO: dy (the output's dtype).
+template <typename TH, typename TO, bool DH>
+void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
+  const int64_t N = a.N;
+  for (int64_t r = r0; r < r1; ++r) {
+    const TH* h = static_cast<const TH*>(a.h) + r * a.sh;
+    const TO* dy = static_cast<const TO*>(a.dy) + r * a.sdy;
+    const float rs = a.rstd[r];
+    fVec s0(0.f), s1(0.f);
+    steps(0, N, [&](int64_t j, int64_t n) {
+      fVec p, q, u, v, g0, g1;
+      load(h + j, p, q, n);
+      load(dy + j, u, v, n);
+      load(a.g + j, g0, g1, n);
+      s0 = at::vec::fmadd(u * g0, p, s0);
+      s1 = at::vec::fmadd(v * g1, q, s1);
+    });
+    const float s = at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
+    float c;
+    if (a.eps_outside) {
+      const float root = 1.f / rs - a.eps;
+      c = root > 0.f ? rs * rs / (static_cast<float>(a.k) * root) : 0.f;
+    } else {
+      c = rs * rs * rs / static_cast<float>(a.k);
+    }
+    const fVec vr(rs), vcs(c * s);
+    TH* dx = static_cast<TH*>(a.dx) + r * N;
+    const TH* dh = DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
+    auto seg = [&](int64_t j0, int64_t j1, bool prefix) {
+      steps(j0, j1, [&](int64_t j, int64_t n) {
+        fVec p, q, u, v, g0, g1;
+        load(h + j, p, q, n);
+        load(dy + j, u, v, n);
+        load(a.g + j, g0, g1, n);
+        fVec d0 = u * g0 * vr, d1 = v * g1 * vr;
+        if (prefix) {
+          d0 = at::vec::fnmadd(p, vcs, d0);
+          d1 = at::vec::fnmadd(q, vcs, d1);
+        }
+        if constexpr (DH) {
+          fVec e0, e1;
+          load(dh + j, e0, e1, n);
+          d0 = d0 + e0;
+          d1 = d1 + e1;
+        }
+        store(dx + j, d0, d1, n);
+        if (dw) {
+          fVec w0, w1;
+          p = p * vr;
+          q = q * vr;
+          if (a.llama) Io<TH>::round(p, q);
+          load(dw + j, w0, w1, n);
+          store(dw + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
+        }
+        if (db) {
+          fVec b0, b1;
+          load(db + j, b0, b1, n);
+          store(db + j, b0 + u, b1 + v, n);
+        }
+      });
+    };
+    seg(0, a.k, true);
+    seg(a.k, N, false);
+  }
+}
+
+// Runs body(block, row_begin, row_end) for `blocks` contiguous row blocks, in parallel when blocks > 1.
+template <typename F>
+void for_blocks(int64_t M, int64_t blocks, F&& body) {
+  blocks = std::max<int64_t>(1, std::min(blocks, M));
+  const int64_t per = (M + blocks - 1) / blocks;
+  auto run = [&](int64_t b) { body(b, b * per, std::min(M, (b + 1) * per)); };
+  if (blocks == 1) {
+    run(0);
+    return;
+  }
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) run(b);
+  });
+}
+
+template <typename F>
+void dispatch(at::ScalarType t, const char* what, F&& f) {
+  switch (t) {
+    case at::kFloat: f(float{}); break;
+    case at::kBFloat16: f(c10::BFloat16{}); break;
+    case at::kHalf: f(c10::Half{}); break;
+    default: TORCH_CHECK(false, "rmsnorm cpu: unsupported dtype ", t, " for ", what);
+  }
+}
+
+// (*batch, *normalized) -> (M, N) view with contiguous rows (a copy only when the layout needs it).
+at::Tensor rows(const at::Tensor& t, int64_t M, int64_t N, const char* what) {
+  TORCH_CHECK(t.device().is_cpu(), "rmsnorm cpu: ", what, " must be a CPU tensor");
+  at::Tensor r = (t.dim() == 2 && t.size(0) == M) ? t : t.reshape({M, N});
+  if (N > 1 && r.stride(1) != 1) r = r.contiguous();
+  return r;
+}
+
+at::Tensor gain(const std::optional<at::Tensor>& weight, int64_t N, double offset) {
+  if (!weight.has_value()) {
+    return at::full({N}, static_cast<float>(1.0 + offset), at::TensorOptions().dtype(at::kFloat));
+  }
+  at::Tensor g = weight->dim() == 1 ? *weight : weight->reshape({N});
+  if (g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
+  if (!g.is_contiguous()) g = g.contiguous();
+  if (offset != 0.0) g = g + offset;
+  return g;
+}
+
+struct Shape {
+  int64_t M, N;
+  std::vector<int64_t> batch;
+};
+
+Shape split_rows(const at::Tensor& t, int64_t nd) {
+  TORCH_CHECK(nd >= 1 && nd <= t.dim(), "rmsnorm cpu: bad normalized_ndim");
+  Shape s{1, 1, {}};
+  for (int64_t d = 0; d < t.dim(); ++d) {
+    if (d < t.dim() - nd) {
+      s.batch.push_back(t.size(d));
+      s.M *= t.size(d);
+    } else {
+      s.N *= t.size(d);
+    }
+  }
+  return s;
+}
+
+// -> (y, h or None, rstd); y and h have x's shape, rstd the batch shape, in fp32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside,
+    double offset, bool llama, at::ScalarType out_dtype, int64_t blocks) {
+  const Shape sh = split_rows(x, nd);
+  const int64_t M = sh.M, N = sh.N;
+  TORCH_CHECK(k >= 1 && k <= N, "rmsnorm cpu: k must be in [1, N]");
+  const bool res = residual.has_value();
+  const at::ScalarType th = res ? residual->scalar_type() : x.scalar_type();
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto y = at::empty(x.sizes(), opts.dtype(out_dtype));
+  auto h = res ? at::empty(x.sizes(), opts.dtype(th)) : at::Tensor();
+  auto rstd = at::empty(sh.batch, opts.dtype(at::kFloat));
+  if (M == 0) return {y, h, rstd};
+  const at::Tensor x2 = rows(x, M, N, "x");
+  const at::Tensor r2 = res ? rows(*residual, M, N, "residual") : at::Tensor();
+  const at::Tensor g = gain(weight, N, offset);
+  const at::Tensor b = bias.has_value() ? bias->reshape({N}).to(at::kFloat).contiguous() : at::Tensor();
+  if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
+  const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
+              res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),
+              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama};
+  dispatch(x.scalar_type(), "x", [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch(out_dtype, "out_dtype", [&](auto to) {
+      using TO = decltype(to);
+      if (res) {
+        dispatch(th, "residual", [&](auto thv) {
+          using TH = decltype(thv);
+          for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) { forward_rows<TX, TH, TO, true>(a, r0, r1); });
+        });
+      } else {
+        for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) { forward_rows<TX, TX, TO, false>(a, r0, r1); });
+      }
+    });
+  });
+  return {y, h, rstd};
+}
+
+// Fixed-order sum of (blocks, N) fp32 partials (columns in parallel, blocks in order).
+at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
+  auto out = at::empty({N}, part.options());
+  const float* p = part.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const int64_t nb = part.size(0);
+  at::parallel_for(0, N, 1 << 14, [&](int64_t c0, int64_t c1) {
+    steps(c0, c1, [&](int64_t j, int64_t n) {
+      fVec s0, s1;
+      load(p + j, s0, s1, n);
+      for (int64_t b = 1; b < nb; ++b) {
+        fVec u, v;
+        load(p + b * N + j, u, v, n);
+        s0 = s0 + u;
+        s1 = s1 + v;
+      }
+      store(o + j, s0, s1, n);
+    });
+  });
+  return out;
+}
+
+// -> (dh in h's dtype and shape, dw in weight's dtype and shape or None, db likewise for bias).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
+    const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& rstd,
+    int64_t nd, int64_t k, double eps, bool eps_outside, double offset, bool llama, bool need_dw,
+    bool need_db, int64_t blocks) {
+  const Shape sh = split_rows(h, nd);
+  const int64_t M = sh.M, N = sh.N;
+  TORCH_CHECK(dy.sizes() == h.sizes(), "rmsnorm cpu: dy must have h's shape");
+  TORCH_CHECK(!need_dw || weight.has_value(), "rmsnorm cpu: need_dw without a weight");
+  TORCH_CHECK(!need_db || bias.has_value(), "rmsnorm cpu: need_db without a bias");
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == M,
+              "rmsnorm cpu: rstd must be a contiguous fp32 tensor of M elements");
+  auto dx = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
+  blocks = std::max<int64_t>(1, std::min(blocks, M));
+  auto f32 = h.options().dtype(at::kFloat);
+  at::Tensor pw = need_dw ? at::zeros({blocks, N}, f32) : at::Tensor();
+  at::Tensor pb = need_db ? at::zeros({blocks, N}, f32) : at::Tensor();
+  if (M > 0) {
+    const at::Tensor h2 = rows(h, M, N, "h"), dy2 = rows(dy, M, N, "dy");
+    at::Tensor dh2;
+    if (dh.has_value()) {
+      TORCH_CHECK(dh->scalar_type() == h.scalar_type() && dh->sizes() == h.sizes(),
+                  "rmsnorm cpu: dh must have h's dtype and shape");
+      dh2 = rows(*dh, M, N, "dh");
+    }
+    const at::Tensor g = gain(weight, N, offset);
+    const Bwd a{dy2.data_ptr(), dy2.stride(0), dh2.defined() ? dh2.data_ptr() : nullptr,
+                dh2.defined() ? dh2.stride(0) : 0, h2.data_ptr(), h2.stride(0), rstd.data_ptr<float>(),
+                g.data_ptr<float>(), dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
+                need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama};
+    dispatch(h.scalar_type(), "h", [&](auto thv) {
+      using TH = decltype(thv);
+      dispatch(dy.scalar_type(), "dy", [&](auto tov) {
+        using TO = decltype(tov);
+        for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
+          float* dwb = a.dw ? a.dw + blk * N : nullptr;
+          float* dbb = a.db ? a.db + blk * N : nullptr;
+          if (a.dh) backward_rows<TH, TO, true>(a, r0, r1, dwb, dbb);
+          else backward_rows<TH, TO, false>(a, r0, r1, dwb, dbb);
+        });
+      });
+    });
+  }
+  auto finish = [&](const at::Tensor& part, const std::optional<at::Tensor>& like) {
+    if (!part.defined()) return at::Tensor();
+    return reduce_blocks(part, N).to(like->scalar_type()).view(like->sizes());
+  };
+  return {dx, finish(pw, weight), finish(pb, bias)};
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("forward", &forward, "RMSNorm forward -> (y, h, rstd)");
+  m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
+}

@@ -1,0 +1,157 @@
+"""Backend registry: what each backend supports, whether it is available, and how one is chosen.
+
+A backend is a forward and a backward with the interface described in :mod:`rmsnorm.backends.rows`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+ENV_VAR = "RMSNORM_BACKEND"
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    priority: int  # higher wins when choosing automatically
+    devices: frozenset[str]  # device types; "*" for any
+    dtypes: frozenset[torch.dtype]  # dtypes of x, residual and the output
+    forward: Callable
+    backward: Callable
+    check_available: Callable[[], str | None]  # None when usable, else why not (may build on first call)
+    description: str
+    limits: Callable[[torch.Tensor], str | None] | None = None  # per-input extra limits (e.g. max N)
+
+    def unavailable_reason(self) -> str | None:
+        return _availability(self)
+
+    def unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor | None,
+                           out_dtype: torch.dtype) -> str | None:
+        if "*" not in self.devices and x.device.type not in self.devices:
+            return f"device {x.device.type} is not supported (supports {sorted(self.devices)})"
+        for what, dt in (("x", x.dtype), ("residual", None if residual is None else residual.dtype),
+                         ("out_dtype", out_dtype)):
+            if dt is not None and dt not in self.dtypes:
+                return f"{what} dtype {dt} is not supported"
+        return None if self.limits is None else self.limits(x)
+
+
+class BackendInfo(NamedTuple):
+    name: str
+    available: bool
+    reason: str  # why not available ("" when available)
+    devices: tuple[str, ...]
+    dtypes: tuple[str, ...]
+    description: str
+
+
+_REGISTRY: dict[str, Backend] = {}
+# $RMSNORM_BACKEND is read once, when rmsnorm is imported (os.environ costs ~1 µs a call);
+# set_default() changes it at run time.
+_DEFAULT: list[str | None] = [os.environ.get(ENV_VAR) or None]
+_AVAILABLE: dict[str, str | None] = {}
+_LOCK = threading.Lock()
+_SELECT_CACHE: dict[tuple, Backend] = {}
+_WARNED: set[str] = set()
+
+
+def set_default(name: str | None) -> None:
+    """Set the backend used when none is named (what $RMSNORM_BACKEND sets at import); None: automatic."""
+    if name is not None:
+        get(name)
+    _DEFAULT[0] = name
+    _SELECT_CACHE.clear()
+
+
+def register(backend: Backend) -> Backend:
+    _REGISTRY[backend.name] = backend
+    _SELECT_CACHE.clear()
+    return backend
+
+
+def get(name: str) -> Backend:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"backend must be one of {sorted(_REGISTRY)} or None, got {name!r}") from None
+
+
+def _availability(be: Backend) -> str | None:
+    if be.name not in _AVAILABLE:
+        with _LOCK:
+            if be.name not in _AVAILABLE:
+                try:
+                    _AVAILABLE[be.name] = be.check_available()
+                except Exception as exc:  # a broken toolchain must not break import or selection
+                    _AVAILABLE[be.name] = f"{type(exc).__name__}: {exc}"
+    return _AVAILABLE[be.name]
+
+
+def reset_availability() -> None:
+    """Forget cached availability (tests; after installing a toolchain)."""
+    _AVAILABLE.clear()
+    _SELECT_CACHE.clear()
+    _WARNED.clear()
+
+
+def backends() -> list[BackendInfo]:
+    """Every backend, best first, whether it is available here, and why not."""
+    out = []
+    for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        reason = be.unavailable_reason()
+        out.append(BackendInfo(be.name, reason is None, reason or "", tuple(sorted(be.devices)),
+                               tuple(str(d).removeprefix("torch.") for d in sorted(be.dtypes, key=str)),
+                               be.description))
+    return out
+
+
+def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
+           out_dtype: torch.dtype) -> Backend:
+    """The backend that runs this call: the one named (or set by $RMSNORM_BACKEND), else the best that fits.
+
+    A backend chosen by name that cannot handle the input raises: there is never a silent fallback.
+    """
+    source = "backend"
+    if name is None:
+        name = _DEFAULT[0]
+        source = ENV_VAR
+    key = (name, x.device, x.dtype, None if residual is None else residual.dtype, out_dtype)
+    be = _SELECT_CACHE.get(key)
+    if be is not None and (be.limits is None or be.limits(x) is None):
+        return be
+    if name is not None:
+        be = get(name)
+        why = be.unavailable_reason()
+        if why is not None:
+            raise RuntimeError(f"{source}={name!r} is not available here: {why}")
+        why = be.unsupported_reason(x, residual, out_dtype)
+        if why is not None:
+            raise ValueError(f"{source}={name!r} cannot handle this input: {why}")
+    else:
+        be = _auto(x, residual, out_dtype)
+    _SELECT_CACHE[key] = be
+    return be
+
+
+def _auto(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype) -> Backend:
+    skipped = []
+    for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        if be.unsupported_reason(x, residual, out_dtype) is not None:
+            continue
+        why = be.unavailable_reason()
+        if why is None:
+            if skipped and skipped[0] not in _WARNED:
+                _WARNED.add(skipped[0])
+                warnings.warn(f"rmsnorm: the {skipped[0]} backend is unavailable ({skipped[1]}); "
+                              f"using the slower {be.name} backend", RuntimeWarning, stacklevel=4)
+            return be
+        if not skipped:
+            skipped = [be.name, why]
+    raise ValueError(f"no rmsnorm backend supports x on {x.device} with dtype {x.dtype}")

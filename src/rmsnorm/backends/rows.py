@@ -1,0 +1,59 @@
+"""Adapters from row kernels on (M, N) views to the backend interface on (*batch, *normalized) tensors.
+
+Backend interface (N-D, what :mod:`rmsnorm.ops` calls):
+
+    forward(x, weight, bias, residual, nd, prm, out_dtype) -> (y, h | None, rstd)
+    backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db) -> (dh, dw | None, db | None)
+
+y and h have x's shape, rstd the batch shape; dw/db come in the parameters' dtype and shape.
+Row kernels (:mod:`rmsnorm.reference`, the Triton launchers) see (M, N) views with contiguous rows and
+return dw/db in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from ..args import Params
+
+
+def as_rows(t: Tensor, n: int) -> Tensor:
+    """(…, N…) -> an (M, N) view (a copy only when the layout needs it) with contiguous rows."""
+    t2 = t.reshape(-1, n)
+    if n > 1 and t2.stride(1) != 1:
+        t2 = t2.contiguous()
+    return t2
+
+
+def _flat(t: Tensor | None, n: int) -> Tensor | None:
+    return None if t is None else t.reshape(n)
+
+
+def nd_forward(row_forward: Callable) -> Callable:
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
+                prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+        n = math.prod(x.shape[x.dim() - nd:])
+        res = as_rows(residual, n) if residual is not None else None
+        y, h, rstd = row_forward(as_rows(x, n), _flat(weight, n), _flat(bias, n), res, prm, out_dtype)
+        return y.view(x.shape), (None if h is None else h.view(x.shape)), rstd.view(x.shape[: x.dim() - nd])
+
+    return forward
+
+
+def nd_backward(row_backward: Callable) -> Callable:
+    def backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        n = math.prod(h.shape[h.dim() - nd:])
+        dh2 = as_rows(dh, n) if dh is not None else None
+        dx, dw, db = row_backward(as_rows(dy, n), dh2, as_rows(h, n), _flat(weight, n), rstd.reshape(-1), prm,
+                                  need_dw, need_db)
+        dw = dw.to(weight.dtype).view(weight.shape) if need_dw else None
+        db = db.to(bias.dtype).view(bias.shape) if need_db else None
+        return dx.view(h.shape), dw, db
+
+    return backward

@@ -1,0 +1,1 @@
+"""The ``triton`` backend (CUDA tensors)."""

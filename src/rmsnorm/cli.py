@@ -1,0 +1,48 @@
+"""The ``rmsnorm`` command: ``info``, ``bench``, ``reproduce``."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+
+
+def _info(_: argparse.Namespace) -> int:
+    import torch
+
+    import rmsnorm
+    from rmsnorm.backends.cpu import build
+
+    print(f"rmsnorm {rmsnorm.__version__}")
+    print(f"python {platform.python_version()}  torch {torch.__version__}  platform {platform.platform()}")
+    print(f"threads {torch.get_num_threads()} (torch.get_num_threads)  cpu capability "
+          f"{torch.backends.cpu.get_cpu_capability()}  cuda {torch.cuda.is_available()}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print("backends (best first):")
+    for b in rmsnorm.backends():
+        state = "available" if b.available else f"unavailable: {b.reason.splitlines()[0][:200]}"
+        print(f"  {b.name:<10} {state}")
+        print(f"  {'':<10} devices {', '.join(b.devices)}; dtypes {', '.join(b.dtypes)}; {b.description}")
+    print(f"cpu kernels: {build.status()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rmsnorm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="versions, threads, backends and why any is unavailable").set_defaults(fn=_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The functional API: :func:`rms_norm`."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import args as _args
+from .args import Params
+from .backends import registry
+from .ops import run
+
+
+def rms_norm(
+    x: Tensor,
+    weight: Tensor | None = None,
+    bias: Tensor | None = None,
+    *,
+    eps: float | None = 1e-6,
+    eps_mode: str = "inside",
+    p: float = 1.0,
+    partial_rounding: str = "ceil",
+    offset: float = 0.0,
+    residual: Tensor | None = None,
+    cast: str = "fp32",
+    out_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+    normalized_shape: int | Sequence[int] | None = None,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """RMSNorm / partial RMSNorm of ``x`` over its trailing ``normalized_shape`` (N elements).
+
+    With h = x + residual (or h = x) and r the RMS of the first k elements of each (flattened) row,
+    k = N for p = 1, else ceil(p*N) ("ceil", the paper) or floor(p*N) ("floor", the authors' code),
+
+        eps_mode="inside":  r = sqrt(mean(h[:k]^2) + eps)      eps_mode="outside":  r = sqrt(mean(h[:k]^2)) + eps
+        y = h / r * (weight + offset) + bias
+
+    All N elements are divided by r; the gradient of r flows only into the first k. Statistics
+    accumulate in fp32 (fp64 for fp64). ``cast="fp32"`` computes everything in fp32 with one final cast
+    (torch.nn.RMSNorm); ``cast="llama"`` rounds h/r to h's dtype before the gain (Hugging Face Llama).
+
+    The normalized shape is ``normalized_shape``, else weight's (or bias's) shape, else ``x.shape[-1:]``.
+    eps=None takes torch's default (machine epsilon of the fp32/fp64 compute dtype).
+    Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
+    fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
+    """
+    _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
+    ns = _args.normalized_tuple(normalized_shape) if normalized_shape is not None else None
+    nd, n = _args.check_tensors(x, weight, bias, residual, ns, out_dtype, offset)
+    h_dtype = residual.dtype if residual is not None else x.dtype
+    if eps is None:
+        eps = _args.default_eps(h_dtype)
+    if out_dtype is None:
+        out_dtype = _args.default_out_dtype(h_dtype, weight, cast)
+    prm = Params(_args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
+                 cast == "llama")
+    be = registry.select(backend, x, residual, out_dtype)
+    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, be)
+    return (y, h) if residual is not None else y

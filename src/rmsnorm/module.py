@@ -1,0 +1,115 @@
+"""``rmsnorm.RMSNorm``: a drop-in for ``torch.nn.RMSNorm`` with partial RMS, bias, offset and residual fusion."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import args as _args
+from .functional import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """y = x / RMS_k(x) * (weight + offset) + bias over the trailing ``normalized_shape``.
+
+    Same positional signature, parameters and state_dict keys as ``torch.nn.RMSNorm`` (``weight``, and
+    ``bias`` when ``bias=True``); ``eps=None`` gives torch's default. ``p < 1`` takes the RMS over the
+    first ceil(p*N) elements (pRMSNorm). The gain is initialised so that ``weight + offset == 1``.
+    ``forward(x, residual=None)`` returns y, or (y, x + residual) when a residual is given.
+    """
+
+    def __init__(
+        self,
+        normalized_shape: int | Sequence[int] | torch.Size,
+        eps: float | None = None,
+        elementwise_affine: bool = True,
+        *,
+        bias: bool = False,
+        p: float = 1.0,
+        eps_mode: str = "inside",
+        partial_rounding: str = "ceil",
+        offset: float = 0.0,
+        cast: str = "fp32",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
+        if offset != 0.0 and not elementwise_affine:
+            raise ValueError("offset applies to the gain: it needs elementwise_affine=True")
+        self.normalized_shape = _args.normalized_tuple(normalized_shape)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        self.p = float(p)
+        self.eps_mode = eps_mode
+        self.partial_rounding = partial_rounding
+        self.offset = float(offset)
+        self.cast = cast
+        factory = {"device": device, "dtype": dtype}
+        if elementwise_affine:
+            self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
+            self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
+        else:
+            if bias:
+                raise ValueError("bias=True needs elementwise_affine=True")
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    @property
+    def k(self) -> int:
+        """Number of leading elements the RMS is taken over."""
+        n = 1
+        for s in self.normalized_shape:
+            n *= s
+        return _args.partial_size(n, self.p, self.partial_rounding)
+
+    def reset_parameters(self) -> None:
+        if self.weight is not None:
+            nn.init.constant_(self.weight, 1.0 - self.offset)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
+                        partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
+                        cast=self.cast, normalized_shape=self.normalized_shape)
+
+    def extra_repr(self) -> str:
+        parts = [f"{self.normalized_shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]
+        if self.bias is not None:
+            parts.append("bias=True")
+        if self.p < 1.0:
+            parts.append(f"p={self.p} (k={self.k}, {self.partial_rounding})")
+        if self.eps_mode != "inside":
+            parts.append(f"eps_mode={self.eps_mode!r}")
+        if self.offset != 0.0:
+            parts.append(f"offset={self.offset}")
+        if self.cast != "fp32":
+            parts.append(f"cast={self.cast!r}")
+        return ", ".join(parts)
+
+    @classmethod
+    def from_layernorm(cls, ln: nn.LayerNorm, *, keep_bias: bool = False, p: float = 1.0,
+                       eps_mode: str = "inside", partial_rounding: str = "ceil", cast: str = "fp32") -> RMSNorm:
+        """An RMSNorm with ``ln``'s shape, eps, gain (and bias with ``keep_bias``), on its device and dtype.
+
+        Not equivalent to ``ln`` unless its inputs have zero mean: use for training or fine-tuning, or
+        :func:`rmsnorm.convert` with ``exact=True`` for an exact transformation.
+        """
+        if not isinstance(ln, nn.LayerNorm):
+            raise TypeError(f"ln must be a torch.nn.LayerNorm, got {type(ln).__name__}")
+        affine = ln.weight is not None
+        has_bias = keep_bias and ln.bias is not None
+        ref = ln.weight if affine else None
+        out = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=affine, bias=has_bias, p=p,
+                  eps_mode=eps_mode, partial_rounding=partial_rounding, cast=cast,
+                  device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
+        with torch.no_grad():
+            if affine:
+                out.weight.copy_(ln.weight)
+            if has_bias:
+                out.bias.copy_(ln.bias)
+        return out
