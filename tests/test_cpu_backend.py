@@ -1,0 +1,195 @@
+"""The fused CPU kernels against the reference: every flag combination, dtypes, shapes, strides, determinism."""
+
+import itertools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import rmsnorm
+from helpers import ATOL, assert_rule, available, grads, max_err, rand
+
+pytestmark = pytest.mark.skipif(not available("cpu"), reason="cpu backend unavailable (no compiler?)")
+
+LOW = [torch.bfloat16, torch.float16]
+FLAGS = list(itertools.product(["inside", "outside"], [1.0, 0.0625, 0.4], [False, True], [0.0, 1.0],
+                               ["fp32", "llama"], [None, "same", "fp32"]))
+
+
+def _call(x, w, b, r, backend, **kw):
+    return grads(lambda *t: rmsnorm.rms_norm(t[0], t[1], t[2], residual=t[3], backend=backend, **kw), x, w, b, r)
+
+
+def _up(t):
+    return None if t is None else t.double()
+
+
+def check_against_reference(x, w, b, r, what="", **kw):
+    """cpu vs reference: fp32 tight; fp16/bf16 by the 2x-of-PyTorch rule against an fp64 truth."""
+    out, g = _call(x, w, b, r, "cpu", **kw)
+    ref, gr = _call(x, w, b, r, "reference", **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    if len(outs) == 2:
+        assert torch.equal(outs[1], refs[1]), f"{what}: h differs"
+    if x.dtype == torch.float32 and (r is None or r.dtype == torch.float32):
+        for name, a, e in zip(["y", "dx", "dw", "db", "dres"], (outs[0], *g), (refs[0], *gr)):
+            if e is None:
+                assert a is None, name
+                continue
+            assert a.dtype == e.dtype and a.shape == e.shape, name
+            scale = 1.0 + e.abs().max().item() if e.numel() else 1.0
+            assert max_err(a, e) <= 2e-5 * scale * (1 + x.shape[0] ** 0.5 * (name in ("dw", "db"))), (what, name)
+        return
+    truth_kw = {**kw}
+    if "out_dtype" in kw:
+        truth_kw.pop("out_dtype")
+    truth, gt = _call(_up(x), _up(w), _up(b), _up(r), "reference", **truth_kw)
+    truths = truth if isinstance(truth, tuple) else (truth,)
+    atol = ATOL[x.dtype] * 2
+    assert_rule(outs[0], refs[0], truths[0], atol, f"{what} y")
+    for name, a, e, t in zip(["dx", "dw", "db", "dres"], g, gr, gt):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == e.dtype, name
+        scale = 1.0 + t.abs().max().item()
+        tol = atol * scale * (x.shape[0] ** 0.5 if name in ("dw", "db") else 1.0)
+        assert_rule(a, e, t, tol, f"{what} {name}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW])
+@pytest.mark.parametrize("eps_mode,p,bias,offset,cast,res", FLAGS)
+def test_every_flag_combination(dtype, eps_mode, p, bias, offset, cast, res, poison):
+    i = FLAGS.index((eps_mode, p, bias, offset, cast, res))
+    n = 37 if i % 2 else 70
+    x = rand(5, n, dtype=dtype, scale=2.0, seed=i)
+    w_dtype = torch.float32 if i % 3 == 0 else dtype  # gain of another dtype
+    w = rand(n, dtype=w_dtype, seed=i + 1)
+    b = rand(n, dtype=dtype, seed=i + 2) if bias else None
+    r = None if res is None else rand(5, n, dtype=dtype if res == "same" else torch.float32, seed=i + 3)
+    kw = {"eps_mode": eps_mode, "p": p, "offset": offset, "cast": cast}
+    if i % 4 == 1:
+        kw["out_dtype"] = torch.float32
+    check_against_reference(x, w, b, r, what=str(kw), **kw)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 31, 32, 33, 127, 4099, 65537, 1 << 20])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shapes(n, dtype, poison):
+    m = 3 if n <= 65537 else 2
+    x, w = rand(m, n, dtype=dtype, seed=n), rand(n, dtype=dtype, seed=n + 1)
+    check_against_reference(x, w, None, None, what=f"n={n}", p=0.0625)
+    r = rand(m, n, dtype=dtype, seed=n + 2)
+    check_against_reference(x, w, rand(n, dtype=dtype), r, what=f"n={n} res", eps_mode="outside")
+
+
+def test_many_rows_multi_threaded(poison):
+    x, w = rand(1031, 96, seed=1), rand(96, seed=2)
+    check_against_reference(x, w, rand(96, seed=3), rand(1031, 96, seed=4), p=0.25)
+
+
+def test_empty_and_single_row():
+    for m in (0, 1):
+        x, w = rand(m, 40), rand(40)
+        check_against_reference(x, w, rand(40), rand(m, 40), what=f"m={m}")
+
+
+def test_multi_dim_normalized_shape():
+    x, w = rand(4, 3, 6, 5), rand(6, 5)
+    check_against_reference(x, w, None, None, p=0.3)
+
+
+def test_strided_rows_without_copy(monkeypatch):
+    base = rand(8, 300, dtype=torch.bfloat16)
+    x = base[:, 10:138]  # row stride 300, last dim contiguous
+    w = rand(128, dtype=torch.bfloat16)
+    assert not x.is_contiguous()
+    copies = []
+    orig = torch.Tensor.contiguous
+    monkeypatch.setattr(torch.Tensor, "contiguous", lambda self, *a, **k: copies.append(1) or orig(self, *a, **k))
+    y = rmsnorm.rms_norm(x, w, backend="cpu")
+    assert not copies
+    torch.testing.assert_close(y, rmsnorm.rms_norm(x.contiguous(), w, backend="reference"), rtol=0, atol=0)
+    check_against_reference(x, w, None, rand(8, 300, dtype=torch.bfloat16)[:, :128])
+    # strided dy into the backward kernel directly
+    from rmsnorm.args import Params
+    from rmsnorm.backends import get
+
+    be, ref = get("cpu"), get("reference")
+    prm = Params(64, 1e-6, False, 0.0, False)
+    y, h, rstd = be.forward(x, w, None, None, 1, prm, x.dtype)
+    dy = rand(8, 400, dtype=torch.bfloat16)[:, 7:135]
+    a = be.backward(dy, None, x, w, None, rstd, 1, prm, True, False)
+    e = ref.backward(dy, None, x, w, None, rstd, 1, prm, True, False)
+    assert max_err(a[0], e[0]) <= 2e-2 and max_err(a[1], e[1]) <= 5e-2
+
+
+def test_transposed_input_is_copied_correctly():
+    x = rand(64, 8).t()  # (8, 64) with stride (1, 8): last dim not contiguous
+    check_against_reference(x, rand(64), None, None)
+
+
+def test_backward_is_deterministic():
+    x, w, b = rand(4096, 256, seed=5), rand(256, seed=6), rand(256, seed=7)
+    runs = [_call(x, w, b, None, "cpu", p=0.5)[1] for _ in range(3)]
+    for other in runs[1:]:
+        for a, e in zip(runs[0], other):
+            if a is not None:
+                assert torch.equal(a, e)
+
+
+def test_thread_counts_agree():
+    x, w = rand(512, 200, seed=8), rand(200, seed=9)
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            outs.append(_call(x, w, None, None, "cpu"))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0][0], outs[1][0])  # forward is row-wise: identical
+    assert max_err(outs[0][1][1], outs[1][1][1]) < 1e-4  # dw: same sum, another order
+
+
+@pytest.mark.slow
+def test_int64_indexing_beyond_2_31_elements():
+    n = 1 << 16
+    m = (1 << 31) // n + 2  # M*N > 2^31
+    try:
+        x = torch.empty(m, n, dtype=torch.bfloat16)
+    except RuntimeError:
+        pytest.skip("not enough memory")
+    x[-3:] = rand(3, n, dtype=torch.bfloat16, seed=11)
+    w = rand(n, dtype=torch.bfloat16)
+    y = rmsnorm.rms_norm(x[-3:], w, backend="cpu")  # small view at a > 2^31 element offset
+    big = rmsnorm.rms_norm(x, w, backend="cpu")
+    torch.testing.assert_close(big[-3:], y, rtol=0, atol=0)
+    ref = rmsnorm.rms_norm(x[-3:].clone(), w, backend="reference")
+    torch.testing.assert_close(y, ref, rtol=8e-3, atol=1e-2)  # 1 bf16 ulp: another summation order
+
+
+def test_fallback_without_compiler(tmp_path):
+    code = (
+        "import warnings, torch, rmsnorm\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    y = rmsnorm.rms_norm(torch.randn(4, 8))\n"
+        "    y = rmsnorm.rms_norm(torch.randn(4, 8))\n"
+        "msgs = [str(m.message) for m in w if 'unavailable' in str(m.message)]\n"
+        "print(len(msgs)); print(msgs[0][:80])\n"
+        "print([b.available for b in rmsnorm.backends() if b.name == 'cpu'][0])\n"
+    )
+    env = {**os.environ, "CXX": "/nonexistent/c++", "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == "1", out.stdout  # exactly one warning
+    assert "cpu backend is unavailable" in lines[1]
+    assert lines[2] == "False"
+    info = subprocess.run([sys.executable, "-m", "rmsnorm", "info"], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert "cpu        unavailable" in info.stdout
