@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import rmsnorm
+
 from helpers import ATOL, assert_rule, available, grads, max_err, rand
 
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="cpu backend unavailable (no compiler?)")
@@ -86,6 +87,18 @@ def test_shapes(n, dtype, poison):
     check_against_reference(x, w, rand(n, dtype=dtype), r, what=f"n={n} res", eps_mode="outside")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n", [37, 64, 300])
+def test_streaming_and_blocked_paths(dtype, n, monkeypatch, poison):
+    """Force the multi-block and non-temporal-store paths on small shapes (aligned and unaligned rows)."""
+    from rmsnorm.backends.cpu import heuristics
+
+    monkeypatch.setattr(heuristics, "LAUNCH", heuristics.CpuLaunch(parallel_min_elements=0, stream_min_bytes=0))
+    x, w = rand(9, n, dtype=dtype, seed=n), rand(n, dtype=dtype, seed=n + 1)
+    check_against_reference(x, w, rand(n, dtype=dtype), rand(9, n, dtype=dtype), p=0.3)
+    check_against_reference(x, w, None, None, cast="llama", eps_mode="outside")
+
+
 def test_many_rows_multi_threaded(poison):
     x, w = rand(1031, 96, seed=1), rand(96, seed=2)
     check_against_reference(x, w, rand(96, seed=3), rand(1031, 96, seed=4), p=0.25)
@@ -120,7 +133,7 @@ def test_strided_rows_without_copy(monkeypatch):
 
     be, ref = get("cpu"), get("reference")
     prm = Params(64, 1e-6, False, 0.0, False)
-    y, h, rstd = be.forward(x, w, None, None, 1, prm, x.dtype)
+    y, _h, rstd = be.forward(x, w, None, None, 1, prm, x.dtype)
     dy = rand(8, 400, dtype=torch.bfloat16)[:, 7:135]
     a = be.backward(dy, None, x, w, None, rstd, 1, prm, True, False)
     e = ref.backward(dy, None, x, w, None, rstd, 1, prm, True, False)

@@ -113,37 +113,52 @@ def check_options(eps: float | None, eps_mode: str, p: float, partial_rounding: 
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
 
 
+def _check_param(name: str, t: object, normalized_shape, xdev) -> torch.Size:
+    _check_float_tensor(name, t)
+    shape = t.shape
+    if normalized_shape is not None and shape != normalized_shape:
+        raise ValueError(f"{name} must have the normalized shape {tuple(normalized_shape)}, got {tuple(shape)}")
+    if t.device != xdev:
+        raise ValueError(f"{name} is on {t.device} but x is on {xdev}")
+    return shape
+
+
 def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                   residual: torch.Tensor | None, normalized_shape: tuple[int, ...] | None,
                   out_dtype: torch.dtype | None, offset: float) -> tuple[int, int]:
-    """Validate the tensor arguments; return (number of normalized dims, number of normalized elements N)."""
+    """Validate the tensor arguments; return (number of normalized dims, number of normalized elements N).
+
+    The normalized shape is ``normalized_shape``, else weight's shape, else bias's, else x's last dim.
+    """
     _check_float_tensor("x", x)
-    xshape = x.shape
-    source = "normalized_shape"
+    xshape, xdev = x.shape, x.device
+    source = "normalized_shape" if normalized_shape is not None else None
+    if weight is not None:
+        shape = _check_param("weight", weight, normalized_shape, xdev)
+        if normalized_shape is None:
+            normalized_shape, source = shape, "weight"
+    elif offset != 0.0:
+        raise ValueError("offset applies to the gain: it needs a weight (offset must be 0 without one)")
+    if bias is not None:
+        shape = _check_param("bias", bias, normalized_shape, xdev)
+        if normalized_shape is None:
+            normalized_shape, source = shape, "bias"
     if normalized_shape is None:
-        ref = weight if weight is not None else bias
-        if ref is not None:
-            source = "weight" if weight is not None else "bias"
-            _check_float_tensor(source, ref)
-            normalized_shape = ref.shape
-        else:
-            normalized_shape = xshape[-1:]
+        if not xshape:
+            raise ValueError("x must have at least one dimension")
+        normalized_shape = xshape[-1:]
     nd = len(normalized_shape)
-    if nd == 0 or len(xshape) < nd or xshape[-nd:] != normalized_shape:
+    if nd == 1:
+        n = normalized_shape[0]
+        ok = len(xshape) >= 1 and xshape[-1] == n
+    else:
+        n = 1
+        for d in normalized_shape:
+            n *= d
+        ok = nd > 0 and len(xshape) >= nd and xshape[-nd:] == normalized_shape
+    if not ok:
         raise ValueError(f"x of shape {tuple(xshape)} does not end with the normalized shape "
                          f"{tuple(normalized_shape)} (from {source})")
-    xdev = x.device
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is None:
-            continue
-        _check_float_tensor(name, t)
-        if t.shape != normalized_shape:
-            raise ValueError(f"{name} must have the normalized shape {tuple(normalized_shape)}, "
-                             f"got {tuple(t.shape)}")
-        if t.device != xdev:
-            raise ValueError(f"{name} is on {t.device} but x is on {xdev}")
-    if weight is None and offset != 0.0:
-        raise ValueError("offset applies to the gain: it needs a weight (offset must be 0 without one)")
     if residual is not None:
         _check_float_tensor("residual", residual)
         if residual.shape != xshape:
@@ -152,9 +167,6 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
             raise ValueError(f"residual is on {residual.device} but x is on {xdev}")
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating dtype (fp16, bf16, fp32, fp64), got {out_dtype}")
-    n = 1
-    for s in normalized_shape:
-        n *= s
     return nd, n
 
 

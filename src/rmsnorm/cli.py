@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rmsnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, backends and why any is unavailable").set_defaults(fn=_info)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     return parser
 
 

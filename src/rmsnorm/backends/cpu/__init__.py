@@ -7,7 +7,7 @@ import torch
 from ...args import Params
 from ..registry import Backend, register
 from . import build
-from .heuristics import blocks
+from .heuristics import launch
 
 
 def _check_available() -> str | None:
@@ -18,13 +18,13 @@ def _check_available() -> str | None:
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, nd: int, prm: Params, out_dtype: torch.dtype):
     return build.module().forward(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside,
-                                  prm.offset, prm.llama, out_dtype, blocks(x))
+                                  prm.offset, prm.llama, out_dtype, *launch(x))
 
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
              bias: torch.Tensor | None, rstd: torch.Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool):
     return build.module().backward(dy, dh, h, weight, bias, rstd, nd, prm.k, prm.eps, prm.eps_outside,
-                                   prm.offset, prm.llama, need_dw, need_db, blocks(h))
+                                   prm.offset, prm.llama, need_dw, need_db, *launch(h))
 
 
 BACKEND = register(Backend(

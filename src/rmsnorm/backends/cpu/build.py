@@ -36,8 +36,25 @@ def capability() -> str:
     return cap if cap in _FLAGS else "DEFAULT"
 
 
+def _has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def flags() -> list[str]:
+    """Compiler flags for this host: the vector ISA torch uses, plus AVX512-BF16 conversions if present."""
+    cap = capability()
+    out = list(_FLAGS.get(cap, _DEFAULT_FLAGS))
+    if cap == "AVX512" and _has_avx512_bf16():
+        out += ["-mavx512bf16", "-DRMSNORM_AVX512BF16"]
+    return out
+
+
 def extension_name() -> str:
-    return f"rmsnorm_cpu_{capability().lower()}_v{ABI_VERSION}"
+    tag = capability().lower() + ("bf16" if "-DRMSNORM_AVX512BF16" in flags() else "")
+    return f"rmsnorm_cpu_{tag}_v{ABI_VERSION}"
 
 
 def build_directory() -> str:
@@ -66,9 +83,9 @@ def load():
         if not any(Path(directory).glob(f"{name}*.so")):
             print(f"rmsnorm: compiling the fused CPU kernels for {capability()} (first use only, about "
                   f"30 s; cached in {directory})", file=sys.stderr, flush=True)
-        cap = capability()
-        mod = cpp_load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", *_FLAGS.get(cap, _DEFAULT_FLAGS)],
-                       verbose=False)
+        # -fopenmp: at::parallel_for is inline OpenMP code; the library then shares torch's libgomp.so.1.
+        mod = cpp_load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags()],
+                       extra_ldflags=["-fopenmp"], verbose=False)
         _state["path"] = mod.__file__
         _state["module"] = mod
         return mod

@@ -41,6 +41,30 @@ struct Io {
   }
 };
 
+#if defined(RMSNORM_AVX512BF16)
+// fp32 -> bf16 in one instruction (vcvtne2ps2bf16, round to nearest even) where the CPU has AVX512-BF16.
+inline __m512i to_bf16(const fVec& a, const fVec& b) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
+}
+template <>
+struct Io<c10::BFloat16> {
+  using T = c10::BFloat16;
+  static void load(const T* p, fVec& a, fVec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
+  }
+  static void load(const T* p, fVec& a, fVec& b, int64_t n) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
+  }
+  static void store(T* p, const fVec& a, const fVec& b) { _mm512_storeu_si512(p, to_bf16(a, b)); }
+  static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+    _mm512_mask_storeu_epi16(p, (__mmask32)((1ull << n) - 1), to_bf16(a, b));
+  }
+  static void round(fVec& a, fVec& b) {
+    std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(to_bf16(a, b)));
+  }
+};
+#endif
+
 template <>
 struct Io<float> {
   static void load(const float* p, fVec& a, fVec& b) {
@@ -62,6 +86,53 @@ struct Io<float> {
   static void round(fVec&, fVec&) {}
 };
 
+// Non-temporal stores for outputs larger than the caches (no read-for-ownership of the destination:
+// 2 memory streams instead of 3). Needs a kStreamAlign-aligned destination; other builds store normally.
+#if defined(CPU_CAPABILITY_AVX512)
+constexpr uintptr_t kStreamAlign = 64;
+inline void stream_bits(void* p, const Vectorized<float>& v) { _mm512_stream_ps(static_cast<float*>(p), v); }
+template <typename V>
+inline void stream_int(void* p, const V& v) { _mm512_stream_si512(static_cast<__m512i*>(p), v); }
+inline void stream_fence() { _mm_sfence(); }
+#elif defined(CPU_CAPABILITY_AVX2)
+constexpr uintptr_t kStreamAlign = 32;
+inline void stream_bits(void* p, const Vectorized<float>& v) { _mm256_stream_ps(static_cast<float*>(p), v); }
+template <typename V>
+inline void stream_int(void* p, const V& v) { _mm256_stream_si256(static_cast<__m256i*>(p), v); }
+inline void stream_fence() { _mm_sfence(); }
+#else
+constexpr uintptr_t kStreamAlign = 0;  // no streaming
+inline void stream_bits(void* p, const Vectorized<float>& v) { v.store(p); }
+template <typename V>
+inline void stream_int(void* p, const V& v) { v.store(p); }
+inline void stream_fence() {}
+#endif
+
+template <typename T>
+inline void stream_store(T* p, const fVec& a, const fVec& b) {
+  if constexpr (std::is_same_v<T, float>) {
+    stream_bits(p, a);
+    stream_bits(p + kF, b);
+#if defined(RMSNORM_AVX512BF16)
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    stream_int(p, to_bf16(a, b));
+#endif
+  } else {
+    stream_int(p, at::vec::convert_from_float<T>(a, b));
+  }
+}
+
+// Software prefetch of `bytes` bytes at p into L2.
+inline void prefetch(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 2);
+}
+
+template <typename T>
+inline bool can_stream(const T* row) {
+  return kStreamAlign != 0 && reinterpret_cast<uintptr_t>(row) % kStreamAlign == 0;
+}
+
 // Calls f(j, n) over [j0, j1) in steps of kW; n < kW only for the tail.
 template <typename F>
 inline void steps(int64_t j0, int64_t j1, F&& f) {
@@ -78,17 +149,10 @@ template <typename T>
 inline void store(T* p, const fVec& a, const fVec& b, int64_t n) {
   if (n == kW) Io<T>::store(p, a, b); else Io<T>::store(p, a, b, n);
 }
-
+// A store that streams full steps when `stream` (the row start must be aligned: see can_stream).
 template <typename T>
-float sum_squares(const T* p, int64_t k) {
-  fVec s0(0.f), s1(0.f);
-  steps(0, k, [&](int64_t j, int64_t n) {
-    fVec a, b;
-    load(p + j, a, b, n);
-    s0 = at::vec::fmadd(a, a, s0);
-    s1 = at::vec::fmadd(b, b, s1);
-  });
-  return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
+inline void store(T* p, const fVec& a, const fVec& b, int64_t n, bool stream) {
+  if (stream && n == kW) stream_store(p, a, b); else store(p, a, b, n);
 }
 
 inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
@@ -102,33 +166,69 @@ struct Fwd {
   void* h; void* y; float* rstd;
   const float* g; const float* bias;
   int64_t N, k; float eps; bool eps_outside, llama;
+  bool stream;  // non-temporal stores of y and h
 };
 
 // TX: x, TH: the normalized tensor (residual's dtype with RES, else x's), TO: output.
+// Rows are software-pipelined: while row r is normalized and written (from cache), row r+1 is read
+// from memory and its sum of squares accumulated (its elements past k are prefetched), so reads and writes
+// stream concurrently. With RES, h = x + residual of a row goes to the h output and to one of two
+// `scratch` rows (2*N elements, in cache) that the output loop reads.
 template <typename TX, typename TH, typename TO, bool RES>
-void forward_rows(const Fwd& a, int64_t r0, int64_t r1) {
-  const int64_t N = a.N;
-  for (int64_t r = r0; r < r1; ++r) {
-    const TX* x = static_cast<const TX*>(a.x) + r * a.sx;
-    const TH* h;
+void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
+  const int64_t N = a.N, k = a.k;
+  auto xrow = [&](int64_t r) { return static_cast<const TX*>(a.x) + r * a.sx; };
+  auto src = [&](int64_t r) -> const TH* {
+    if constexpr (RES) return scratch + (r & 1) * N;
+    else return reinterpret_cast<const TH*>(xrow(r));
+  };
+  // Stage A of row r at [j, j+n): read it (with RES: form h) and add squares of its first k elements.
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+    const TX* x = xrow(r);
     if constexpr (RES) {
       const TH* res = static_cast<const TH*>(a.res) + r * a.sres;
-      TH* hw = static_cast<TH*>(a.h) + r * N;
-      steps(0, N, [&](int64_t j, int64_t n) {
-        fVec p, q, u, v;
-        load(x + j, p, q, n);
-        load(res + j, u, v, n);
-        store(hw + j, p + u, q + v, n);
-      });
-      h = hw;
+      TH* hs = scratch + (r & 1) * N;
+      TH* hout = static_cast<TH*>(a.h) + r * N;
+      fVec p, q, u, v;
+      load(x + j, p, q, n);
+      load(res + j, u, v, n);
+      p = p + u;
+      q = q + v;
+      store(hs + j, p, q, n);
+      store(hout + j, p, q, n, a.stream && can_stream(hout));
+      if (j >= k) return;
+      if (j + n > k) load(hs + j, p, q, k - j);  // the rounded h, first k - j lanes only
+      else if constexpr (!std::is_same_v<TH, float>) Io<TH>::round(p, q);
+      s0 = at::vec::fmadd(p, p, s0);
+      s1 = at::vec::fmadd(q, q, s1);
     } else {
-      h = reinterpret_cast<const TH*>(x);
+      if (j >= k) {
+        prefetch(x + j, n * static_cast<int64_t>(sizeof(TX)));
+        return;
+      }
+      fVec p, q;
+      load(x + j, p, q, std::min(n, k - j));
+      s0 = at::vec::fmadd(p, p, s0);
+      s1 = at::vec::fmadd(q, q, s1);
     }
-    const float rs = inv_rms(sum_squares(h, a.k), a.k, a.eps, a.eps_outside);
+  };
+  auto reduce = [](const fVec& s0, const fVec& s1) {
+    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
+  };
+  fVec s0(0.f), s1(0.f);
+  steps(0, RES ? N : k, [&](int64_t j, int64_t n) { stage_a(r0, j, n, s0, s1); });
+  float ss = reduce(s0, s1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const float rs = inv_rms(ss, k, a.eps, a.eps_outside);
     a.rstd[r] = rs;
     const fVec vr(rs);
+    const TH* h = src(r);
     TO* y = static_cast<TO*>(a.y) + r * N;
+    const bool st = a.stream && can_stream(y);
+    const bool next = r + 1 < r1;
+    fVec n0(0.f), n1(0.f);
     steps(0, N, [&](int64_t j, int64_t n) {
+      if (next) stage_a(r + 1, j, n, n0, n1);
       fVec p, q, g0, g1;
       load(h + j, p, q, n);
       p = p * vr;
@@ -143,9 +243,11 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1) {
         p = p + b0;
         q = q + b1;
       }
-      store(y + j, p, q, n);
+      store(y + j, p, q, n, st);
     });
+    ss = reduce(n0, n1);
   }
+  if (a.stream) stream_fence();
 }
 
 struct Bwd {
@@ -156,26 +258,35 @@ struct Bwd {
   void* dx;
   float* dw; float* db;  // (blocks, N) partials, or null
   int64_t N, k; float eps; bool eps_outside, llama;
+  bool stream;  // non-temporal stores of dx
 };
 
-// TH: the normalized tensor and its gradient, TO: dy (the output's dtype).
+// TH: the normalized tensor and its gradient, TO: dy (the output's dtype). Pipelined like the forward:
+// the dot product S of row r+1 (reading h and dy from memory) runs inside row r's gradient loop.
 template <typename TH, typename TO, bool DH>
 void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   const int64_t N = a.N;
+  auto hrow = [&](int64_t r) { return static_cast<const TH*>(a.h) + r * a.sh; };
+  auto dyrow = [&](int64_t r) { return static_cast<const TO*>(a.dy) + r * a.sdy; };
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+    fVec p, q, u, v, g0, g1;
+    load(hrow(r) + j, p, q, n);
+    load(dyrow(r) + j, u, v, n);
+    load(a.g + j, g0, g1, n);
+    s0 = at::vec::fmadd(u * g0, p, s0);
+    s1 = at::vec::fmadd(v * g1, q, s1);
+    if constexpr (DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
+  };
+  auto reduce = [](const fVec& s0, const fVec& s1) {
+    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
+  };
+  fVec s0(0.f), s1(0.f);
+  steps(0, N, [&](int64_t j, int64_t n) { stage_a(r0, j, n, s0, s1); });
+  float s = reduce(s0, s1);
   for (int64_t r = r0; r < r1; ++r) {
-    const TH* h = static_cast<const TH*>(a.h) + r * a.sh;
-    const TO* dy = static_cast<const TO*>(a.dy) + r * a.sdy;
+    const TH* h = hrow(r);
+    const TO* dy = dyrow(r);
     const float rs = a.rstd[r];
-    fVec s0(0.f), s1(0.f);
-    steps(0, N, [&](int64_t j, int64_t n) {
-      fVec p, q, u, v, g0, g1;
-      load(h + j, p, q, n);
-      load(dy + j, u, v, n);
-      load(a.g + j, g0, g1, n);
-      s0 = at::vec::fmadd(u * g0, p, s0);
-      s1 = at::vec::fmadd(v * g1, q, s1);
-    });
-    const float s = at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
     float c;
     if (a.eps_outside) {
       const float root = 1.f / rs - a.eps;
@@ -185,43 +296,51 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     }
     const fVec vr(rs), vcs(c * s);
     TH* dx = static_cast<TH*>(a.dx) + r * N;
+    const bool st = a.stream && can_stream(dx);
     const TH* dh = DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
-    auto seg = [&](int64_t j0, int64_t j1, bool prefix) {
-      steps(j0, j1, [&](int64_t j, int64_t n) {
-        fVec p, q, u, v, g0, g1;
-        load(h + j, p, q, n);
-        load(dy + j, u, v, n);
-        load(a.g + j, g0, g1, n);
-        fVec d0 = u * g0 * vr, d1 = v * g1 * vr;
-        if (prefix) {
-          d0 = at::vec::fnmadd(p, vcs, d0);
-          d1 = at::vec::fnmadd(q, vcs, d1);
-        }
-        if constexpr (DH) {
-          fVec e0, e1;
-          load(dh + j, e0, e1, n);
-          d0 = d0 + e0;
-          d1 = d1 + e1;
-        }
-        store(dx + j, d0, d1, n);
-        if (dw) {
-          fVec w0, w1;
-          p = p * vr;
-          q = q * vr;
-          if (a.llama) Io<TH>::round(p, q);
-          load(dw + j, w0, w1, n);
-          store(dw + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
-        }
-        if (db) {
-          fVec b0, b1;
-          load(db + j, b0, b1, n);
-          store(db + j, b0 + u, b1 + v, n);
-        }
-      });
-    };
-    seg(0, a.k, true);
-    seg(a.k, N, false);
+    const bool next = r + 1 < r1;
+    fVec n0(0.f), n1(0.f);
+    const int64_t k = a.k;
+    const fVec zero(0.f);
+    steps(0, N, [&](int64_t j, int64_t n) {
+      if (next) stage_a(r + 1, j, n, n0, n1);
+      fVec p, q, u, v, g0, g1;
+      load(h + j, p, q, n);
+      load(dy + j, u, v, n);
+      load(a.g + j, g0, g1, n);
+      fVec d0 = u * g0 * vr, d1 = v * g1 * vr;
+      if (j + n <= k) {  // the statistic's gradient reaches the first k elements only
+        d0 = at::vec::fnmadd(p, vcs, d0);
+        d1 = at::vec::fnmadd(q, vcs, d1);
+      } else if (j < k) {
+        const int64_t m = k - j;
+        d0 = d0 - fVec::set(zero, p * vcs, std::min(m, kF));
+        d1 = d1 - fVec::set(zero, q * vcs, std::max<int64_t>(0, m - kF));
+      }
+      if constexpr (DH) {
+        fVec e0, e1;
+        load(dh + j, e0, e1, n);
+        d0 = d0 + e0;
+        d1 = d1 + e1;
+      }
+      store(dx + j, d0, d1, n, st);
+      if (dw) {
+        fVec w0, w1;
+        p = p * vr;
+        q = q * vr;
+        if (a.llama) Io<TH>::round(p, q);
+        load(dw + j, w0, w1, n);
+        store(dw + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
+      }
+      if (db) {
+        fVec b0, b1;
+        load(db + j, b0, b1, n);
+        store(db + j, b0 + u, b1 + v, n);
+      }
+    });
+    s = reduce(n0, n1);
   }
+  if (a.stream) stream_fence();
 }
 
 // Runs body(block, row_begin, row_end) for `blocks` contiguous row blocks, in parallel when blocks > 1.
@@ -291,7 +410,7 @@ Shape split_rows(const at::Tensor& t, int64_t nd) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside,
-    double offset, bool llama, at::ScalarType out_dtype, int64_t blocks) {
+    double offset, bool llama, at::ScalarType out_dtype, int64_t blocks, bool stream) {
   const Shape sh = split_rows(x, nd);
   const int64_t M = sh.M, N = sh.N;
   TORCH_CHECK(k >= 1 && k <= N, "rmsnorm cpu: k must be in [1, N]");
@@ -309,7 +428,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
   const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
               res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),
-              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama};
+              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama,
+              stream};
+  blocks = std::max<int64_t>(1, std::min(blocks, M));
   dispatch(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
     dispatch(out_dtype, "out_dtype", [&](auto to) {
@@ -317,10 +438,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
       if (res) {
         dispatch(th, "residual", [&](auto thv) {
           using TH = decltype(thv);
-          for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) { forward_rows<TX, TH, TO, true>(a, r0, r1); });
+          at::Tensor scratch = at::empty({blocks, 2 * N}, opts.dtype(th));
+          TH* sp = static_cast<TH*>(scratch.data_ptr());
+          for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
+            if (r0 < r1) forward_rows<TX, TH, TO, true>(a, r0, r1, sp + blk * 2 * N);
+          });
         });
       } else {
-        for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) { forward_rows<TX, TX, TO, false>(a, r0, r1); });
+        for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) {
+          if (r0 < r1) forward_rows<TX, TX, TO, false>(a, r0, r1, nullptr);
+        });
       }
     });
   });
@@ -354,7 +481,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& rstd,
     int64_t nd, int64_t k, double eps, bool eps_outside, double offset, bool llama, bool need_dw,
-    bool need_db, int64_t blocks) {
+    bool need_db, int64_t blocks, bool stream) {
   const Shape sh = split_rows(h, nd);
   const int64_t M = sh.M, N = sh.N;
   TORCH_CHECK(dy.sizes() == h.sizes(), "rmsnorm cpu: dy must have h's shape");
@@ -379,7 +506,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const Bwd a{dy2.data_ptr(), dy2.stride(0), dh2.defined() ? dh2.data_ptr() : nullptr,
                 dh2.defined() ? dh2.stride(0) : 0, h2.data_ptr(), h2.stride(0), rstd.data_ptr<float>(),
                 g.data_ptr<float>(), dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
-                need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama};
+                need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama,
+                stream};
     dispatch(h.scalar_type(), "h", [&](auto thv) {
       using TH = decltype(thv);
       dispatch(dy.scalar_type(), "dy", [&](auto tov) {
@@ -387,6 +515,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
           float* dwb = a.dw ? a.dw + blk * N : nullptr;
           float* dbb = a.db ? a.db + blk * N : nullptr;
+          if (r0 >= r1) return;
           if (a.dh) backward_rows<TH, TO, true>(a, r0, r1, dwb, dbb);
           else backward_rows<TH, TO, false>(a, r0, r1, dwb, dbb);
         });
@@ -403,6 +532,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("vector_width") = py::int_(kF);
   m.def("forward", &forward, "RMSNorm forward -> (y, h, rstd)");
   m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
 }

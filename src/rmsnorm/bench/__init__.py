@@ -1,0 +1,1 @@
+"""``rmsnorm bench``: providers, timing, sweeps and reports (JSONL, CSV, Markdown, PNG)."""

@@ -1,0 +1,90 @@
+"""``rmsnorm bench``: argument parsing and the run (results.jsonl, results.csv, report.md, gbps.png)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes.util
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+
+from .providers import DEFAULT_PROVIDERS, registry
+from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, allocator, parse_shapes, run_sweep
+
+TCMALLOC_CANDIDATES = ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                       "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+                       "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"]
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("bench", help="time rmsnorm against torch and the copy roofline",
+                       description="Times providers over shapes, dtypes and modes; writes JSONL, CSV, Markdown, PNG.")
+    p.add_argument("--shapes", type=parse_shapes, default=None,
+                   help="MxN list, e.g. 4096x1024,64x512 (default: latency cases + the issue's bar shapes)")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {sorted(DTYPES)}")
+    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list of fwd, bwd, fwd+bwd")
+    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+                   help="comma list; available: " + ", ".join(registry()))
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--samples", type=int, default=10, help="timed samples per cell (at least 5 are taken)")
+    p.add_argument("--budget", type=float, default=0.5, help="seconds of sampling per cell")
+    p.add_argument("--allocator", choices=["current", "tcmalloc"], default="current",
+                   help="tcmalloc: re-run under LD_PRELOAD tcmalloc so no provider pays glibc's page faults")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default bench-results/<time>-<device>)")
+    p.add_argument("--no-plot", action="store_true")
+    p.set_defaults(fn=main)
+
+
+def _reexec_with_tcmalloc() -> None:
+    lib = next((c for c in TCMALLOC_CANDIDATES if Path(c).exists()), None) or ctypes.util.find_library(
+        "tcmalloc_minimal")
+    if lib is None:
+        raise SystemExit("rmsnorm bench: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
+    env = {**os.environ, "LD_PRELOAD": lib}
+    os.execve(sys.executable, [sys.executable, "-m", "rmsnorm", *sys.argv[1:]], env)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import report
+
+    if args.allocator == "tcmalloc" and "tcmalloc" not in allocator():
+        _reexec_with_tcmalloc()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtypes = [d.strip() for d in args.dtypes.split(",")]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if bad:
+        raise SystemExit(f"rmsnorm bench: unknown dtypes {bad}; choose from {sorted(DTYPES)}")
+    modes = [m.strip() for m in args.modes.split(",")]
+    if any(m not in ("fwd", "bwd", "fwd+bwd") for m in modes):
+        raise SystemExit(f"rmsnorm bench: modes must be fwd, bwd, fwd+bwd; got {modes}")
+    cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
+                      providers=[p.strip() for p in args.providers.split(",") if p.strip()], device=device,
+                      samples=args.samples, budget_s=args.budget)
+    out = args.out or Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}"
+    out.mkdir(parents=True, exist_ok=True)
+    command = "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
+        "rmsnorm bench"
+    t0 = time.time()
+    print(f"rmsnorm bench: {len(cfg.shapes)} shapes x {len(dtypes)} dtypes x {len(modes)} modes on {device}, "
+          f"{torch.get_num_threads()} threads, allocator {allocator()} -> {out}", flush=True)
+    rows = run_sweep(cfg, out / "results.jsonl", command)
+    meta, results = rows[0], rows[1:]
+    report.write_csv(results, out / "results.csv")
+    text = report.markdown(meta, results)
+    if device == "cpu":
+        bars = report.cpu_bars(results)
+        if bars:
+            text += "\n### Bars (CPU issue)\n\n" + report.bars_markdown(bars)
+    (out / "report.md").write_text(text)
+    if not args.no_plot:
+        report.plot(results, out / "gbps.png", title=f"{meta['machine']}, {meta['threads']} threads, "
+                    f"{meta['allocator']}, torch {meta['torch']}")
+    print(f"rmsnorm bench: done in {time.time() - t0:.0f} s; wrote {out}/report.md", flush=True)
+    return 0
