@@ -53,7 +53,7 @@ def measure(fn: Callable[[], object], device: str = "cpu", *, samples: int = 15,
 
 
 def measure_group(fns: dict[str, Callable[[], object]], device: str = "cpu", *, samples: int = 10,
-                  min_samples: int = 5, budget_s: float = 0.5, min_sample_s: float = 2e-3,
+                  min_samples: int = 5, budget_s: float = 0.5, min_sample_s: float = 1e-2,
                   warmup_s: float = 0.05) -> dict[str, Timing]:
     """Time several callables round-robin (one sample of each per round), so slow drifts of the machine's
     speed affect all of them alike; ``budget_s`` is per callable."""

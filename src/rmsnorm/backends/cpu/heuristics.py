@@ -3,8 +3,9 @@
 Both thresholds come from ``python -m rmsnorm.bench.calibrate`` (tables in docs/benchmarks/cpu.md),
 measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 2 MB L2 per core) this project is built on:
 
-- parallel_min_elements: forward of M x 512 fp32 takes 6.3 µs on one thread and 7.7 µs on two at 32K
-  elements, 10.9 vs 9.1 µs at 64K (bf16: even at 32K). Waking the OpenMP pool costs about 2 µs.
+- parallel_min_elements: forward of M x 512 on one thread vs two: two lose up to 16K elements (1.4-2x
+  slower: waking the OpenMP pool costs about 2 µs), break even from 32K to 64K (ratios 0.84-1.23 over
+  runs), and win from 128K (0.8x) up.
 - stream_min_bytes: non-temporal stores cost 1.41x at a 1 MB fp32 output (the output would have stayed in
   cache) and save 25-45% from 4 MB up. We stream from 8 MB, past the combined L2 of the cores, so that
   outputs a following op could still read from cache are left there.
