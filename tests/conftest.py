@@ -1,8 +1,14 @@
 import os
 import sys
 
-import pytest
 import torch
+
+# Without a GPU, the Triton kernels run on CPU tensors in Triton's interpreter. The variable must be set
+# before triton (or rmsnorm's Triton backend) is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 

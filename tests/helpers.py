@@ -93,3 +93,57 @@ def grads(fn, *tensors):
 
 def available(name: str) -> bool:
     return any(b.name == name and b.available for b in rmsnorm.backends())
+
+
+def run_with_grads(x, w, b, r, backend, **kw):
+    """rms_norm on fresh leaves of (x, weight, bias, residual); returns (output, grads)."""
+    return grads(lambda *t: rmsnorm.rms_norm(t[0], t[1], t[2], residual=t[3], backend=backend, **kw), x, w, b, r)
+
+
+def _up(t):
+    return None if t is None else t.double()
+
+
+def check_against_reference(x, w, b, r, what="", backend="cpu", low_atol_ulps=0.0, **kw):
+    """A backend vs the reference: fp32 tight; fp16/bf16 by the 2x-of-PyTorch rule against an fp64 truth.
+
+    ``low_atol_ulps`` widens the low-precision atol by that many ulps of the largest output (Triton's
+    interpreter truncates bf16 casts instead of rounding them).
+    """
+    out, g = run_with_grads(x, w, b, r, backend, **kw)
+    ref, gr = run_with_grads(x, w, b, r, "reference", **kw)
+    outs = out if isinstance(out, tuple) else (out,)
+    refs = ref if isinstance(ref, tuple) else (ref,)
+    if len(outs) == 2:
+        if low_atol_ulps:
+            ulp = torch.finfo(outs[1].dtype).eps * (1 + refs[1].abs())
+            assert ((outs[1].double() - refs[1].double()).abs() <= low_atol_ulps * ulp).all(), f"{what}: h"
+        else:
+            assert torch.equal(outs[1], refs[1]), f"{what}: h differs"
+    if x.dtype == torch.float32 and (r is None or r.dtype == torch.float32):
+        for name, a, e in zip(["y", "dx", "dw", "db", "dres"], (outs[0], *g), (refs[0], *gr)):
+            if e is None:
+                assert a is None, name
+                continue
+            assert a.dtype == e.dtype and a.shape == e.shape, name
+            scale = 1.0 + e.abs().max().item() if e.numel() else 1.0
+            assert max_err(a, e) <= 2e-5 * scale * (1 + x.shape[0] ** 0.5 * (name in ("dw", "db"))), (what, name)
+        return
+    truth_kw = {**kw}
+    if "out_dtype" in kw:
+        truth_kw.pop("out_dtype")
+    truth, gt = run_with_grads(_up(x), _up(w), _up(b), _up(r), "reference", **truth_kw)
+    truths = truth if isinstance(truth, tuple) else (truth,)
+    atol = ATOL[x.dtype] * 2
+    if low_atol_ulps:
+        atol += low_atol_ulps * torch.finfo(x.dtype).eps * truths[0].abs().max().item()
+    assert_rule(outs[0], refs[0], truths[0], atol, f"{what} y")
+    for name, a, e, t in zip(["dx", "dw", "db", "dres"], g, gr, gt):
+        if e is None:
+            assert a is None, name
+            continue
+        assert a.dtype == e.dtype, name
+        scale = 1.0 + t.abs().max().item()
+        tol = (atol + low_atol_ulps * torch.finfo(x.dtype).eps * scale) * scale * (
+            x.shape[0] ** 0.5 if name in ("dw", "db") else 1.0)
+        assert_rule(a, e, t, tol, f"{what} {name}")

@@ -10,55 +10,13 @@ import torch
 
 import rmsnorm
 
-from helpers import ATOL, assert_rule, available, grads, max_err, rand
+from helpers import available, check_against_reference, max_err, rand, run_with_grads
 
 pytestmark = pytest.mark.skipif(not available("cpu"), reason="cpu backend unavailable (no compiler?)")
 
 LOW = [torch.bfloat16, torch.float16]
 FLAGS = list(itertools.product(["inside", "outside"], [1.0, 0.0625, 0.4], [False, True], [0.0, 1.0],
                                ["fp32", "llama"], [None, "same", "fp32"]))
-
-
-def _call(x, w, b, r, backend, **kw):
-    return grads(lambda *t: rmsnorm.rms_norm(t[0], t[1], t[2], residual=t[3], backend=backend, **kw), x, w, b, r)
-
-
-def _up(t):
-    return None if t is None else t.double()
-
-
-def check_against_reference(x, w, b, r, what="", **kw):
-    """cpu vs reference: fp32 tight; fp16/bf16 by the 2x-of-PyTorch rule against an fp64 truth."""
-    out, g = _call(x, w, b, r, "cpu", **kw)
-    ref, gr = _call(x, w, b, r, "reference", **kw)
-    outs = out if isinstance(out, tuple) else (out,)
-    refs = ref if isinstance(ref, tuple) else (ref,)
-    if len(outs) == 2:
-        assert torch.equal(outs[1], refs[1]), f"{what}: h differs"
-    if x.dtype == torch.float32 and (r is None or r.dtype == torch.float32):
-        for name, a, e in zip(["y", "dx", "dw", "db", "dres"], (outs[0], *g), (refs[0], *gr)):
-            if e is None:
-                assert a is None, name
-                continue
-            assert a.dtype == e.dtype and a.shape == e.shape, name
-            scale = 1.0 + e.abs().max().item() if e.numel() else 1.0
-            assert max_err(a, e) <= 2e-5 * scale * (1 + x.shape[0] ** 0.5 * (name in ("dw", "db"))), (what, name)
-        return
-    truth_kw = {**kw}
-    if "out_dtype" in kw:
-        truth_kw.pop("out_dtype")
-    truth, gt = _call(_up(x), _up(w), _up(b), _up(r), "reference", **truth_kw)
-    truths = truth if isinstance(truth, tuple) else (truth,)
-    atol = ATOL[x.dtype] * 2
-    assert_rule(outs[0], refs[0], truths[0], atol, f"{what} y")
-    for name, a, e, t in zip(["dx", "dw", "db", "dres"], g, gr, gt):
-        if e is None:
-            assert a is None, name
-            continue
-        assert a.dtype == e.dtype, name
-        scale = 1.0 + t.abs().max().item()
-        tol = atol * scale * (x.shape[0] ** 0.5 if name in ("dw", "db") else 1.0)
-        assert_rule(a, e, t, tol, f"{what} {name}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, *LOW])
@@ -147,7 +105,7 @@ def test_transposed_input_is_copied_correctly():
 
 def test_backward_is_deterministic():
     x, w, b = rand(4096, 256, seed=5), rand(256, seed=6), rand(256, seed=7)
-    runs = [_call(x, w, b, None, "cpu", p=0.5)[1] for _ in range(3)]
+    runs = [run_with_grads(x, w, b, None, "cpu", p=0.5)[1] for _ in range(3)]
     for other in runs[1:]:
         for a, e in zip(runs[0], other):
             if a is not None:
@@ -161,7 +119,7 @@ def test_thread_counts_agree():
     try:
         for t in (1, 2):
             torch.set_num_threads(t)
-            outs.append(_call(x, w, None, None, "cpu"))
+            outs.append(run_with_grads(x, w, None, None, "cpu"))
     finally:
         torch.set_num_threads(before)
     assert torch.equal(outs[0][0], outs[1][0])  # forward is row-wise: identical

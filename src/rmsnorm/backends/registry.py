@@ -28,6 +28,7 @@ class Backend:
     check_available: Callable[[], str | None]  # None when usable, else why not (may build on first call)
     description: str
     limits: Callable[[torch.Tensor], str | None] | None = None  # per-input extra limits (e.g. max N)
+    auto_devices: frozenset[str] | None = None  # devices where automatic choice may pick it (None: all)
 
     def unavailable_reason(self) -> str | None:
         return _availability(self)
@@ -143,6 +144,8 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
 def _auto(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype) -> Backend:
     skipped = []
     for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        if be.auto_devices is not None and x.device.type not in be.auto_devices:
+            continue
         if be.unsupported_reason(x, residual, out_dtype) is not None:
             continue
         why = be.unavailable_reason()

@@ -85,11 +85,12 @@ def metadata(cfg: SweepConfig, command: str) -> dict:
 
 
 def _inputs(m: int, n: int, dtype: torch.dtype, device: str):
-    g = torch.Generator(device="cpu").manual_seed(m * 7919 + n)
-    x = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
-    w = (1 + 0.1 * torch.randn(n, generator=g)).to(device=device, dtype=dtype)
-    b = (0.1 * torch.randn(n, generator=g)).to(device=device, dtype=dtype)
-    dy = torch.randn(m, n, generator=g).to(device=device, dtype=dtype)
+    g = torch.Generator(device=device).manual_seed(m * 7919 + n)
+    kw = {"generator": g, "device": device, "dtype": dtype}
+    x = torch.randn(m, n, **kw)
+    w = 1 + 0.1 * torch.randn(n, **kw)
+    b = 0.1 * torch.randn(n, **kw)
+    dy = torch.randn(m, n, **kw)
     return x, w, b, dy
 
 

@@ -1,0 +1,231 @@
+"""Triton kernels: one forward and one backward kernel per memory strategy, every variant a constexpr flag.
+
+Math as in :mod:`rmsnorm.reference`. All statistics in fp32; offsets in int64; rows may carry a stride
+(the last dimension is contiguous); outputs are contiguous. Flags: HAS_R (residual: h = x + r is
+stored and normalized), HAS_W / HAS_B (gain, bias), PARTIAL (k < N), EPS_OUTSIDE, LLAMA (round the
+normalized row to h's dtype NORM_TY before the gain), and in the backward HAS_DH, NEED_DW, NEED_DB.
+
+Strategies (chosen by heuristics.py):
+- forward ``_fwd_rows``: a [BLOCK_M, BLOCK_N] tile of whole rows in registers: one read, one write.
+- forward ``_fwd_looped``: one row per program, looping over BLOCK_N columns twice (huge N).
+- backward ``_bwd_rows``: persistent programs over row blocks held in registers, dW/db accumulated in fp32
+  registers and written once per program as (programs, N) partials (summed in a fixed order, no atomics).
+- backward ``_bwd_rowdot`` + ``_bwd_tiled``: per-row dot products first, then column tiles over rows
+  (huge N), again with per-program partials.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _inv_rms(ss, K, eps, EPS_OUTSIDE: tl.constexpr):
+    ms = ss / K
+    if EPS_OUTSIDE:
+        return tl.div_rn(1.0, tl.sqrt_rn(ms) + eps)
+    return tl.div_rn(1.0, tl.sqrt_rn(ms + eps))
+
+
+@triton.jit
+def _finish_row(x, rstd, W, B, cols, cmask, offset, NORM_TY: tl.constexpr, HAS_W: tl.constexpr,
+                HAS_B: tl.constexpr, LLAMA: tl.constexpr):
+    y = x * rstd
+    if LLAMA:
+        y = y.to(NORM_TY).to(tl.float32)
+    if HAS_W:
+        w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        y = y * w
+    if HAS_B:
+        b = tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)
+        y = y + b
+    return y
+
+
+@triton.jit
+def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
+              HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr,
+              NORM_TY: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, BLOCK_N)
+    rmask = rows < M
+    cmask = cols < N
+    mask = rmask[:, None] & cmask[None, :]
+    r64 = rows.to(tl.int64)[:, None]
+    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_R:
+        r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        hq = (x + r).to(NORM_TY)
+        tl.store(H + r64 * N + cols[None, :], hq, mask=mask)
+        x = hq.to(tl.float32)
+    xs = x
+    if PARTIAL:
+        xs = tl.where(cols[None, :] < K, x, 0.0)
+    rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+    y = _finish_row(x, rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+    tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
+                BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_R:
+        for c in range(0, N, BLOCK_N):
+            cols = c + base
+            m = cols < N
+            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+            hq = (x + r).to(NORM_TY)
+            tl.store(H + row * N + cols, hq, mask=m)
+            hf = tl.where(cols < K, hq.to(tl.float32), 0.0)
+            acc += hf * hf
+    else:
+        for c in range(0, K, BLOCK_N):
+            cols = c + base
+            x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
+            acc += x * x
+    rstd = _inv_rms(tl.sum(acc, axis=0), K, eps, EPS_OUTSIDE)
+    tl.store(RSTD + row, rstd)
+    for c in range(0, N, BLOCK_N):
+        cols = c + base
+        m = cols < N
+        if HAS_R:
+            x = tl.load(H + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        else:
+            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+        y = _finish_row(x, rstd, W, B, cols, m, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE: tl.constexpr):
+    """d rstd / d h_i = -coef * h_i for i < k: rstd^3/k (inside), rstd^2/(k*sqrt(ms)) (outside; 0 at 0)."""
+    if EPS_OUTSIDE:
+        root = 1.0 / rstd - eps
+        return tl.where(root > 0, rstd * rstd / (K * tl.maximum(root, 1e-30)), 0.0)
+    return rstd * rstd * rstd / K
+
+
+@triton.jit
+def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
+              NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
+              LLAMA: tl.constexpr, ACC_IN_REGS: tl.constexpr):
+    """Persistent programs over row blocks. ACC_IN_REGS: the gain and the dW/db accumulators live in
+    registers for the program's lifetime; else (wide rows) the gain is re-read per row block and the
+    program's own partial row in DWP/DBP (L2-resident) is updated in place: fewer registers, no spills."""
+    pid = tl.program_id(0)
+    programs = tl.num_programs(0)
+    cols = tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    part = pid.to(tl.int64) * N + cols
+    if ACC_IN_REGS:
+        if HAS_W:
+            g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for rb in range(pid, tl.cdiv(M, BLOCK_M), programs):
+        rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        r64 = rows.to(tl.int64)[:, None]
+        h = tl.load(Hp + r64 * stride_h + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=1.0)
+        if not ACC_IN_REGS and HAS_W:
+            g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+        dyg = dy.to(tl.float32)
+        if HAS_W:
+            dyg = dyg * g[None, :]
+        s = tl.sum(dyg * h.to(tl.float32), axis=1)
+        cs = _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE) * s
+        corr = h.to(tl.float32) * cs[:, None]
+        if PARTIAL:
+            corr = tl.where(cols[None, :] < K, corr, 0.0)
+        dx = dyg * rstd[:, None] - corr
+        if HAS_DH:
+            dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if NEED_DW:
+            xh = h.to(tl.float32) * rstd[:, None]
+            if LLAMA:
+                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
+            if ACC_IN_REGS:
+                dw_acc += tl.sum(dy.to(tl.float32) * xh, axis=0)
+            else:
+                tl.store(DWP + part, tl.load(DWP + part, mask=cmask) + tl.sum(dy.to(tl.float32) * xh, axis=0),
+                         mask=cmask)
+        if NEED_DB:
+            if ACC_IN_REGS:
+                db_acc += tl.sum(dy.to(tl.float32), axis=0)
+            else:
+                tl.store(DBP + part, tl.load(DBP + part, mask=cmask) + tl.sum(dy.to(tl.float32), axis=0),
+                         mask=cmask)
+    if ACC_IN_REGS:
+        if NEED_DW:
+            tl.store(DWP + part, dw_acc, mask=cmask)
+        if NEED_DB:
+            tl.store(DBP + part, db_acc, mask=cmask)
+
+
+@triton.jit
+def _bwd_rowdot(DY, Hp, W, S, stride_dy, stride_h, N, offset, BLOCK_N: tl.constexpr, HAS_W: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = tl.arange(0, BLOCK_N)
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for c in range(0, N, BLOCK_N):
+        cols = c + base
+        m = cols < N
+        h = tl.load(Hp + row * stride_h + cols, mask=m, other=0.0).to(tl.float32)
+        dy = tl.load(DY + row * stride_dy + cols, mask=m, other=0.0).to(tl.float32)
+        if HAS_W:
+            dy = dy * (tl.load(W + cols, mask=m, other=0.0).to(tl.float32) + offset)
+        acc += dy * h
+    tl.store(S + row, tl.sum(acc, axis=0))
+
+
+@triton.jit
+def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
+               BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
+               NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gid = tl.program_id(1)
+    groups = tl.num_programs(1)
+    cmask = cols < N
+    if HAS_W:
+        g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for row in range(gid, M, groups):
+        r64 = tl.cast(row, tl.int64)
+        h = tl.load(Hp + r64 * stride_h + cols, mask=cmask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + r64 * stride_dy + cols, mask=cmask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + row)
+        dyg = dy
+        if HAS_W:
+            dyg = dy * g
+        corr = h * (_stat_grad_coef(rstd, K, eps, EPS_OUTSIDE) * tl.load(S + row))
+        if PARTIAL:
+            corr = tl.where(cols < K, corr, 0.0)
+        dx = dyg * rstd - corr
+        if HAS_DH:
+            dx += tl.load(DH + r64 * stride_dh + cols, mask=cmask, other=0.0).to(tl.float32)
+        tl.store(DX + r64 * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
+        if NEED_DW:
+            xh = h * rstd
+            if LLAMA:
+                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
+            dw_acc += dy * xh
+        if NEED_DB:
+            db_acc += dy
+    if NEED_DW:
+        tl.store(DWP + gid.to(tl.int64) * N + cols, dw_acc, mask=cmask)
+    if NEED_DB:
+        tl.store(DBP + gid.to(tl.int64) * N + cols, db_acc, mask=cmask)

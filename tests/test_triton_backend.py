@@ -1,0 +1,118 @@
+"""The Triton kernels against the reference. Without a GPU they run on CPU tensors in Triton's interpreter
+(TRITON_INTERPRET=1, set by conftest.py): small shapes, every flag combination, explicit configurations.
+The interpreter truncates bf16/fp16 casts instead of rounding: low precision allows 1 more ulp."""
+
+import itertools
+
+import pytest
+import torch
+
+import rmsnorm
+
+from helpers import available, check_against_reference, max_err, rand, run_with_grads
+
+pytestmark = pytest.mark.skipif(not available("triton"), reason="triton backend unavailable")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ULPS = 0.0 if DEVICE == "cuda" else 1.0
+FLAGS = list(itertools.product(["inside", "outside"], [1.0, 0.3], [False, True], [0.0, 1.0], ["fp32", "llama"],
+                               [None, "same", "fp32"]))
+
+
+def check(x, w, b, r, **kw):
+    check_against_reference(x, w, b, r, backend="triton", low_atol_ulps=ULPS, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("eps_mode,p,bias,offset,cast,res", FLAGS)
+def test_every_flag_combination(dtype, eps_mode, p, bias, offset, cast, res, poison):
+    i = FLAGS.index((eps_mode, p, bias, offset, cast, res))
+    n = 37 if i % 2 else 64
+    x = rand(4, n, dtype=dtype, scale=2.0, seed=i, device=DEVICE)
+    w = rand(n, dtype=torch.float32 if i % 3 == 0 else dtype, seed=i + 1, device=DEVICE)
+    b = rand(n, dtype=dtype, seed=i + 2, device=DEVICE) if bias else None
+    r = None if res is None else rand(4, n, dtype=dtype if res == "same" else torch.float32, seed=i + 3,
+                                      device=DEVICE)
+    kw = {"eps_mode": eps_mode, "p": p, "offset": offset, "cast": cast}
+    if i % 4 == 1:
+        kw["out_dtype"] = torch.float32
+    check(x, w, b, r, what=str(kw), **kw)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 127, 1000])
+def test_shapes(n, poison):
+    for m in (0, 1, 5):
+        x, w = rand(m, n, device=DEVICE, seed=n), rand(n, device=DEVICE, seed=n + 1)
+        check(x, w, rand(n, device=DEVICE), rand(m, n, device=DEVICE), p=0.25)
+
+
+def test_strided_rows_and_multi_dim(poison):
+    base = rand(6, 100, dtype=torch.bfloat16, device=DEVICE)
+    check(base[:, 3:67], rand(64, dtype=torch.bfloat16, device=DEVICE), None,
+          rand(6, 90, dtype=torch.bfloat16, device=DEVICE)[:, :64])
+    check(rand(3, 4, 6, 5, device=DEVICE), rand(6, 5, device=DEVICE), None, None, p=0.5)
+
+
+def _explicit(monkeypatch, fwd=None, bwd=None):
+    from rmsnorm.backends.triton import launch
+
+    if fwd is not None:
+        monkeypatch.setattr(launch, "fwd_config", lambda m, n: fwd)
+    if bwd is not None:
+        monkeypatch.setattr(launch, "bwd_config", lambda m, n, sms: bwd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("flags", [{}, {"p": 0.3, "eps_mode": "outside"}, {"cast": "llama", "offset": 1.0}])
+def test_looped_forward_and_tiled_backward(dtype, flags, monkeypatch, poison):
+    """The huge-N paths, forced on small rows with small blocks (several loop steps per row)."""
+    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig
+
+    _explicit(monkeypatch, FwdConfig(1, 16, 4, False), BwdConfig(1, 16, 4, False, 3))
+    x, w = rand(7, 70, dtype=dtype, device=DEVICE), rand(70, dtype=dtype, device=DEVICE)
+    check(x, w, rand(70, dtype=dtype, device=DEVICE), rand(7, 70, dtype=dtype, device=DEVICE), **flags)
+    check(x, w, None, None, **flags)
+
+
+@pytest.mark.parametrize("block_m,programs,acc", [(1, 1, True), (2, 3, False), (4, 2, True), (8, 5, False)])
+def test_explicit_row_tiles_and_persistent_grids(block_m, programs, acc, monkeypatch, poison):
+    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig
+
+    _explicit(monkeypatch, FwdConfig(block_m, 64, 4, True), BwdConfig(block_m, 64, 4, True, programs, acc))
+    x, w = rand(11, 50, device=DEVICE), rand(50, device=DEVICE)
+    check(x, w, rand(50, device=DEVICE), rand(11, 50, device=DEVICE), p=0.5)
+
+
+def test_weight_gradient_is_deterministic():
+    x, w = rand(64, 96, device=DEVICE), rand(96, device=DEVICE)
+    g1 = run_with_grads(x, w, None, None, "triton")[1]
+    g2 = run_with_grads(x, w, None, None, "triton")[1]
+    assert torch.equal(g1[1], g2[1]) and torch.equal(g1[0], g2[0])
+
+
+def test_heuristics_cover_the_range():
+    from rmsnorm.backends.triton.heuristics import LIMITS, bwd_config, fwd_config
+
+    for n in (1, 7, 1024, 4096, 16384, 32768, 65536, 262144):
+        f = fwd_config(1 << 27 // n if n > 1 else 4096, n)
+        assert f.single == (n <= LIMITS.fwd_single_max) and f.block_n >= (n if f.single else 1)
+        assert f.block_m * f.block_n <= max(LIMITS.tile_elements, f.block_n) and f.num_warps in (4, 8, 16, 32)
+        b = bwd_config(4096, n, 132)
+        assert b.single == (n <= LIMITS.bwd_single_max) and 1 <= b.programs <= 4096
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="needs CUDA")
+def test_large_rows_on_gpu():
+    for n in (65537, 262144):
+        x, w = rand(4, n, dtype=torch.bfloat16, device="cuda"), rand(n, dtype=torch.bfloat16, device="cuda")
+        check(x, w, None, None)
+
+
+def test_auto_selection_never_picks_the_interpreter():
+    from rmsnorm.backends import registry
+
+    if DEVICE == "cpu":
+        assert registry.select(None, rand(2, 8), None, torch.float32).name != "triton"
+    else:
+        assert registry.select(None, rand(2, 8, device="cuda"), None, torch.float32).name == "triton"
+    x = rand(2, 8, device=DEVICE)
+    assert max_err(rmsnorm.rms_norm(x, backend="triton"), rmsnorm.rms_norm(x, backend="reference")) < 1e-5
