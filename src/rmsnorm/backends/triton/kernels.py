@@ -54,18 +54,20 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
     cmask = cols < N
     mask = rmask[:, None] & cmask[None, :]
     r64 = rows.to(tl.int64)[:, None]
-    x = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    # The row stays in registers in its storage dtype (half the registers for bf16/fp16) and is converted
+    # to fp32 where used, so wide rows fit without spilling.
+    xr = tl.load(X + r64 * stride_x + cols[None, :], mask=mask, other=0.0)
     if HAS_R:
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        hq = (x + r).to(NORM_TY)
-        tl.store(H + r64 * N + cols[None, :], hq, mask=mask)
-        x = hq.to(tl.float32)
-    xs = x
+        xr = (xr.to(tl.float32) + r).to(NORM_TY)
+        tl.store(H + r64 * N + cols[None, :], xr, mask=mask)
+    xs = xr.to(tl.float32)
     if PARTIAL:
-        xs = tl.where(cols[None, :] < K, x, 0.0)
+        xs = tl.where(cols[None, :] < K, xs, 0.0)
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
     tl.store(RSTD + rows, rstd, mask=rmask)
-    y = _finish_row(x, rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+    y = _finish_row(xr.to(tl.float32), rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, NORM_TY, HAS_W,
+                    HAS_B, LLAMA)
     tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -93,8 +95,10 @@ def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset
             acc += x * x
     rstd = _inv_rms(tl.sum(acc, axis=0), K, eps, EPS_OUTSIDE)
     tl.store(RSTD + row, rstd)
-    for c in range(0, N, BLOCK_N):
-        cols = c + base
+    # second pass backwards: the chunks read last are the likeliest to still be in L2
+    steps = tl.cdiv(N, BLOCK_N)
+    for i in range(0, steps):
+        cols = (steps - 1 - i) * BLOCK_N + base
         m = cols < N
         if HAS_R:
             x = tl.load(H + row * N + cols, mask=m, other=0.0).to(tl.float32)
@@ -129,8 +133,9 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
     if ACC_IN_REGS:
         if HAS_W:
             g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
-        dw_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-        db_acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        # [BLOCK_M, BLOCK_N] accumulators: summed over rows once at the end, not once per row block
+        dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for rb in range(pid, tl.cdiv(M, BLOCK_M), programs):
         rows = rb * BLOCK_M + tl.arange(0, BLOCK_M)
         rmask = rows < M
@@ -158,21 +163,21 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
             if LLAMA:
                 xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
             if ACC_IN_REGS:
-                dw_acc += tl.sum(dy.to(tl.float32) * xh, axis=0)
+                dw_acc += dy.to(tl.float32) * xh
             else:
                 tl.store(DWP + part, tl.load(DWP + part, mask=cmask) + tl.sum(dy.to(tl.float32) * xh, axis=0),
                          mask=cmask)
         if NEED_DB:
             if ACC_IN_REGS:
-                db_acc += tl.sum(dy.to(tl.float32), axis=0)
+                db_acc += dy.to(tl.float32)
             else:
                 tl.store(DBP + part, tl.load(DBP + part, mask=cmask) + tl.sum(dy.to(tl.float32), axis=0),
                          mask=cmask)
     if ACC_IN_REGS:
         if NEED_DW:
-            tl.store(DWP + part, dw_acc, mask=cmask)
+            tl.store(DWP + part, tl.sum(dw_acc, axis=0), mask=cmask)
         if NEED_DB:
-            tl.store(DBP + part, db_acc, mask=cmask)
+            tl.store(DBP + part, tl.sum(db_acc, axis=0), mask=cmask)
 
 
 @triton.jit
