@@ -147,6 +147,37 @@ def explore(out: Path, deadline: float) -> None:
     print(f"[{elapsed():.0f}s] exploration done", flush=True)
 
 
+def kernel_level(out: Path) -> list[str]:
+    """The kernels alone (launch.forward; launch.backward = dx + dW with its reduction), no autograd, round-robin
+    with the copy: the GPU issue's bars are about these."""
+    from rmsnorm.args import Params
+    from rmsnorm.backends.triton import launch
+    from rmsnorm.bench.timing import measure_group
+
+    lines = ["| dtype | N | copy TB/s | forward TB/s | forward % of copy | backward TB/s | backward % of copy |",
+             "|---|---|---|---|---|---|---|"]
+    for dtype in (torch.bfloat16, torch.float32):
+        for n in NS:
+            m = TOTAL // n
+            x = torch.randn(m, n, device=DEV, dtype=dtype)
+            w = torch.randn(n, device=DEV, dtype=dtype)
+            dy = torch.randn_like(x)
+            prm = Params(n, 1e-6, False, 0.0, False)
+            _, _, rstd = launch.forward(x, w, None, None, prm, dtype)
+            t = measure_group({"copy": lambda x=x: x.clone(),
+                               "fwd": lambda x=x, w=w, prm=prm: launch.forward(x, w, None, None, prm, x.dtype),
+                               "bwd": lambda x=x, w=w, dy=dy, rstd=rstd, prm=prm: launch.backward(
+                                   dy, None, x, w, rstd, prm, True, False)}, DEV, samples=8, budget_s=0.05)
+            size = x.numel() * x.element_size()
+            copy = 2 * size / t["copy"].median_s
+            f, b = 2 * size / t["fwd"].median_s, 3 * size / t["bwd"].median_s
+            lines.append(f"| {str(dtype)[6:]} | {n} | {copy / 1e12:.2f} | {f / 1e12:.2f} | {100 * f / copy:.0f}% | "
+                         f"{b / 1e12:.2f} | {100 * b / copy:.0f}% |")
+    (out / "kernels.md").write_text("\n".join(lines) + "\n")
+    print(f"[{elapsed():.0f}s] kernel-level table done", flush=True)
+    return lines
+
+
 def summary(rows: list[dict]) -> str:
     """Short table: TB/s and % of copy for rmsnorm / torch.rms_norm / liger per (dtype, N, mode)."""
     res = [r for r in rows if r.get("type") == "result"]
@@ -205,6 +236,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=330.0, help="seconds before optional parts are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run in Triton's interpreter (tests the script)")
+    ap.add_argument("--explore", action="store_true", help="also time alternative launch configurations")
     args = ap.parse_args()
     global DEV, TOTAL, NS
     if args.smoke:
@@ -235,10 +267,16 @@ def main() -> int:
         rows = sweep(args.out, provs, ["bf16", "fp32"], "results", samples=8, budget=0.04)
     except Exception:
         traceback.print_exc()
+    kernel_lines: list[str] = []
     try:
-        explore(args.out, deadline - 60)
+        kernel_lines = kernel_level(args.out)
     except Exception:
         traceback.print_exc()
+    if args.explore:
+        try:
+            explore(args.out, deadline - 60)
+        except Exception:
+            traceback.print_exc()
     if time.time() < deadline - 40 and DEV == "cuda":
         try:
             comp = sweep(args.out, ["torch.compile(rms_norm)", "roofline"], ["bf16"], "compiled", samples=6,
@@ -261,6 +299,8 @@ def main() -> int:
         report.plot(results, args.out / "gbps.png", title=f"{card}, torch {torch.__version__}")
         print(summary(results), flush=True)
         print("\n".join(bars), flush=True)
+    if kernel_lines:
+        print("kernels alone (no autograd):\n" + "\n".join(kernel_lines), flush=True)
     print(f"[{elapsed():.0f}s] done; correctness {'PASS' if ok else 'FAIL'}", flush=True)
     return 0 if ok else 1
 

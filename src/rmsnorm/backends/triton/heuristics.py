@@ -7,6 +7,7 @@ NVIDIA H100 80GB HBM3 (see docs/benchmarks/gpu.md); "register budget" means arit
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import triton
@@ -70,6 +71,7 @@ def _warps(elements: int) -> int:
     return 4
 
 
+@functools.lru_cache(maxsize=4096)
 def fwd_config(m: int, n: int, limits: Limits = LIMITS) -> FwdConfig:
     if n <= limits.fwd_single_max:
         block_n = triton.next_power_of_2(n)
@@ -78,6 +80,7 @@ def fwd_config(m: int, n: int, limits: Limits = LIMITS) -> FwdConfig:
     return FwdConfig(1, limits.loop_block, _warps(limits.loop_block), False)
 
 
+@functools.lru_cache(maxsize=4096)
 def bwd_config(m: int, n: int, sms: int, limits: Limits = LIMITS) -> BwdConfig:
     if n <= limits.bwd_single_max:
         block_n = triton.next_power_of_2(n)

@@ -62,8 +62,10 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
     cfg = config or bwd_config(m, n, sm_count(h.device))
     programs = cfg.programs
     f32 = {"dtype": torch.float32, "device": h.device}
-    dwp = torch.zeros((programs, n), **f32) if need_dw else None
-    dbp = torch.zeros((programs, n), **f32) if need_db else None
+    # every program writes its whole partial row, except the in-place (L2 partials) variant: zero it
+    alloc = torch.empty if (cfg.acc_in_regs or not cfg.single) and m > 0 else torch.zeros
+    dwp = alloc((programs, n), **f32) if need_dw else None
+    dbp = alloc((programs, n), **f32) if need_db else None
     if m > 0:
         w = weight.contiguous() if weight is not None else h
         d = dh if dh is not None else h
