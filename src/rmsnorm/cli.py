@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, backends and why any is unavailable").set_defaults(fn=_info)
     from .bench.cli import add_parser as add_bench
+    from .reproduce.cli import add_data_parser
+    from .reproduce.cli import add_parser as add_reproduce
 
+    add_reproduce(sub)
     add_bench(sub)
+    add_data_parser(sub)
     return parser
 
 

@@ -147,6 +147,8 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
     ):
+        if backend.autograd is not None:
+            return backend.autograd(x, weight, bias, residual, nd, prm, out_dtype)
         out = RMSNormFunction.apply(x, weight, bias, residual, nd, prm, out_dtype, backend.name)
         return out if residual is not None else (out, None)
     y, h, _ = backend.forward(x, weight, bias, residual, nd, prm, out_dtype)

@@ -29,6 +29,8 @@ class Backend:
     description: str
     limits: Callable[[torch.Tensor], str | None] | None = None  # per-input extra limits (e.g. max N)
     auto_devices: frozenset[str] | None = None  # devices where automatic choice may pick it (None: all)
+    # optional eager forward recorded for autograd natively (same signature as forward, returns (y, h|None))
+    autograd: Callable | None = None
 
     def unavailable_reason(self) -> str | None:
         return _availability(self)

@@ -27,6 +27,14 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
                                    prm.offset, prm.llama, need_dw, need_db, *launch(h))
 
 
+def autograd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+             residual: torch.Tensor | None, nd: int, prm: Params, out_dtype: torch.dtype):
+    """Forward recorded for autograd by a C++ torch::autograd::Function (no Python in the backward)."""
+    out = build.module().forward_autograd(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside,
+                                          prm.offset, prm.llama, out_dtype, *launch(x))
+    return out[0], (out[1] if residual is not None else None)
+
+
 BACKEND = register(Backend(
     name="cpu",
     priority=10,
@@ -36,4 +44,5 @@ BACKEND = register(Backend(
     backward=backward,
     check_available=_check_available,
     description="fused C++ forward/backward, vectorized with ATen Vectorized<>, threads over row blocks",
+    autograd=autograd,
 ))

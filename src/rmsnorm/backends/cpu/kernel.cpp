@@ -9,6 +9,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/ATen.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
 
 #include <cmath>
@@ -424,7 +425,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const at::Tensor x2 = rows(x, M, N, "x");
   const at::Tensor r2 = res ? rows(*residual, M, N, "residual") : at::Tensor();
   const at::Tensor g = gain(weight, N, offset);
-  const at::Tensor b = bias.has_value() ? bias->reshape({N}).to(at::kFloat).contiguous() : at::Tensor();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->dim() == 1 ? *bias : bias->reshape({N});
+    if (b.scalar_type() != at::kFloat) b = b.to(at::kFloat);
+    if (!b.is_contiguous()) b = b.contiguous();
+  }
   if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
   const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
               res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),
@@ -524,9 +530,73 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   }
   auto finish = [&](const at::Tensor& part, const std::optional<at::Tensor>& like) {
     if (!part.defined()) return at::Tensor();
-    return reduce_blocks(part, N).to(like->scalar_type()).view(like->sizes());
+    at::Tensor sum = part.size(0) == 1 ? part.view({N}) : reduce_blocks(part, N);
+    if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
+    return like->dim() == 1 ? sum : sum.view(like->sizes());
   };
   return {dx, finish(pw, weight), finish(pb, bias)};
+}
+
+// Eager autograd in C++: the backward runs without Python, which is most of the cost of small calls.
+struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+  static torch::autograd::variable_list forward(
+      torch::autograd::AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t nd, int64_t k,
+      double eps, bool eps_outside, double offset, bool llama, at::ScalarType out_dtype, int64_t blocks,
+      bool stream) {
+    auto [y, h, rstd] = ::forward(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
+                                  blocks, stream);
+    const bool res = residual.has_value();
+    ctx->save_for_backward({res ? h : x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), rstd});
+    ctx->saved_data["nd"] = nd;
+    ctx->saved_data["k"] = k;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["eps_outside"] = eps_outside;
+    ctx->saved_data["offset"] = offset;
+    ctx->saved_data["llama"] = llama;
+    ctx->saved_data["blocks"] = blocks;
+    ctx->saved_data["stream"] = stream;
+    ctx->saved_data["res"] = res;
+    ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
+    ctx->saved_data["out_dtype"] = static_cast<int64_t>(out_dtype);
+    if (res) return {y, h};
+    return {y};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& h = saved[0];
+    const bool res = ctx->saved_data["res"].toBool();
+    at::Tensor dy = grads[0];
+    if (!dy.defined()) {
+      dy = at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt())));
+    }
+    std::optional<at::Tensor> dh;
+    if (res && grads.size() > 1 && grads[1].defined()) dh = grads[1].to(h.scalar_type());
+    std::optional<at::Tensor> weight, bias;
+    if (saved[1].defined()) weight = saved[1];
+    if (saved[2].defined()) bias = saved[2];
+    const bool need_dw = weight.has_value() && ctx->needs_input_grad(1);
+    const bool need_db = bias.has_value() && ctx->needs_input_grad(2);
+    auto [dgrad, dw, db] = ::backward(
+        dy, dh, h, weight, bias, saved[3], ctx->saved_data["nd"].toInt(), ctx->saved_data["k"].toInt(),
+        ctx->saved_data["eps"].toDouble(), ctx->saved_data["eps_outside"].toBool(),
+        ctx->saved_data["offset"].toDouble(), ctx->saved_data["llama"].toBool(), need_dw, need_db,
+        ctx->saved_data["blocks"].toInt(), ctx->saved_data["stream"].toBool());
+    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
+    at::Tensor dx = dgrad.scalar_type() == x_dtype ? dgrad : dgrad.to(x_dtype);
+    return {dx, dw, db, res ? dgrad : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+torch::autograd::variable_list forward_autograd(
+    const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside, double offset,
+    bool llama, at::ScalarType out_dtype, int64_t blocks, bool stream) {
+  return RMSNormFunction::apply(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
+                                blocks, stream);
 }
 
 }  // namespace
@@ -535,4 +605,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = py::int_(kF);
   m.def("forward", &forward, "RMSNorm forward -> (y, h, rstd)");
   m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
+  m.def("forward_autograd", &forward_autograd, "RMSNorm forward recorded for autograd -> [y] or [y, h]");
 }

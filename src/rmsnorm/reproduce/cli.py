@@ -1,0 +1,184 @@
+"""``rmsnorm reproduce``: train every task x variant x seed, time the variants, write the report."""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .norms import VARIANTS, check_variants
+from .presets import PRESETS, get_preset, with_overrides
+from .tasks import TASKS, check_tasks
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("reproduce", help="the paper's experiments at small scale on real data",
+                       description="Trains each task with every normalization variant, times the variants, and "
+                                   "writes results.json/csv, report.md and figures beside the paper's numbers.")
+    p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
+    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the preset's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", default=None, help="rmsnorm backend for the rmsnorm variants (default: automatic)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/reproduce-<preset>)")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(fn=main)
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        preset = with_overrides(get_preset(args.preset), args.seeds, args.steps)
+        tasks = check_tasks(_split(args.tasks))
+        variants = check_variants(_split(args.variants))
+    except ValueError as exc:
+        print(f"rmsnorm reproduce: {exc}", file=sys.stderr)
+        return 2
+    out = args.out or Path("runs") / f"reproduce-{preset.name}"
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    runs = [(t, v, s) for t in tasks for s in range(preset.seeds) for v in variants]
+    if args.dry_run:
+        print(f"preset {preset.name} ({preset.data} data), {preset.seeds} seed(s), output {out}")
+        for t in tasks:
+            size = preset.tasks[t]
+            print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch}), "
+                  f"then {preset.timing_rounds} timing rounds x {preset.timing_steps} steps per variant")
+        done = sum((out / "runs" / t / v / f"seed{s}" / "result.json").exists() for t, v, s in runs)
+        print(f"  {len(runs)} training runs, {done} already finished (they are not trained again)")
+        return 0
+    from . import report
+    from .data import DataMissing
+    from .runner import Dist, atomic_json, time_variants, train_run
+    from .tasks import make_task
+
+    dd = Dist(args.device)
+    meta = {"preset": preset.name, "command": "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[2:]).strip()
+            if sys.argv[1:2] == ["reproduce"] else "rmsnorm reproduce",
+            "machine": _cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "backend": args.backend or _auto_backend(args.device), "world_size": dd.world,
+            "started": time.strftime("%Y-%m-%d %H:%M %Z")}
+    if dd.main:
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_json(out / "meta.json", {**meta, "preset_config": {t: vars(preset.tasks[t]) for t in tasks}})
+    total = sum(preset.tasks[t].steps for t, v, s in runs
+                if not (out / "runs" / t / v / f"seed{s}" / "result.json").exists())
+    bar = _bar(total, args.no_progress or not dd.main)
+    t_start = time.time()
+    try:
+        for t in tasks:
+            try:
+                task = make_task(t, preset.tasks[t], preset.data, out / "work")
+            except DataMissing as exc:
+                print(f"rmsnorm reproduce: {exc}", file=sys.stderr)
+                return 3
+            if dd.main:
+                atomic_json(out / "trivial" / f"{t}.json", task.trivial_baseline())
+            for s in range(preset.seeds):
+                for v in variants:
+                    run_dir = out / "runs" / t / v / f"seed{s}"
+                    if (run_dir / "result.json").exists():
+                        continue
+                    bar.set_description(f"{t} {v} seed{s}")
+                    res = train_run(task, v, s, run_dir, args.device, args.backend, dd,
+                                    on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
+                    if dd.main:
+                        metric = res.get(task.metric)
+                        bar.write(f"{t} {v} seed{s}: {task.metric} {metric} in {res['train_seconds']:.0f} s")
+                        report.write_report(out, meta)
+            if dd.main:
+                bar.set_description(f"{t} timing")
+                time_variants(task, variants, args.device, args.backend, preset.timing_rounds, preset.timing_steps,
+                              out / "timing" / f"{t}.json")
+                report.write_report(out, meta)
+            dd.barrier()
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"\nrmsnorm reproduce: interrupted; finished runs and checkpoints are kept in {out}; run the same "
+              "command again to resume", file=sys.stderr)
+        return 130
+    bar.close()
+    if dd.main:
+        path = report.write_report(out, meta)
+        print(f"rmsnorm reproduce: done in {time.time() - t_start:.0f} s; report: {path}")
+        print(path.read_text())
+    return 0
+
+
+def _auto_backend(device: str) -> str:
+    from rmsnorm.backends import registry
+
+    return registry.select(None, torch.empty(1, 8, device=device), None, torch.float32).name
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
+    except OSError:
+        pass
+    return platform.machine()
+
+
+class _NoBar:
+    def update(self, *_):
+        pass
+
+    def set_description(self, *_):
+        pass
+
+    def set_postfix(self, **_):
+        pass
+
+    def write(self, text):
+        print(text, flush=True)
+
+    def close(self):
+        pass
+
+
+def _bar(total: int, disabled: bool):
+    if disabled:
+        return _NoBar()
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def add_data_parser(sub) -> None:
+    p = sub.add_parser("data", help="prepare the reproduction's data sets from Debian packages, or show status")
+    p.add_argument("--force", action="store_true", help="rebuild even if prepared")
+    p.add_argument("--status", action="store_true", help="only show where each data set is")
+    p.set_defaults(fn=data_main)
+
+
+def data_main(args: argparse.Namespace) -> int:
+    from . import data
+
+    if not args.status:
+        try:
+            for name, path in data.prepare(force=args.force).items():
+                print(f"{name}: {path}")
+        except data.DataMissing as exc:
+            print(f"rmsnorm data: {exc}", file=sys.stderr)
+            return 3
+    for name, state in data.status().items():
+        print(f"{name}: {state}")
+    return 0
+

@@ -1,0 +1,179 @@
+"""Training runs with checkpoints and resume, optional DDP, and the interleaved timing phase.
+
+Layout under the output directory (identical with and without torchrun; only rank 0 writes):
+
+    runs/<task>/<variant>/seed<k>/checkpoint.pt   while training (atomic replace every ckpt_every steps)
+    runs/<task>/<variant>/seed<k>/result.json     when finished: such a run is never trained again
+    timing/<task>.json                            seconds per step of every variant, timed round-robin
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .presets import TaskSize
+
+
+def atomic_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Dist:
+    """torch.distributed state when launched by torchrun (gloo on CPU, nccl on CUDA), else one process."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+            if device.startswith("cuda"):
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        self.main = self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        if self.world == 1:
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model)
+
+    def mean(self, value: float) -> float:
+        if self.world == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.float64)
+        dist.all_reduce(t)
+        return t.item() / self.world
+
+
+def lr_at(size: TaskSize, step: int) -> float:
+    """Linear warm-up then inverse square root (Transformer), else constant."""
+    if size.warmup <= 0:
+        return size.lr
+    s = step + 1
+    return size.lr * min(s / size.warmup, math.sqrt(size.warmup / s))
+
+
+def _to(batch, device: str):
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def train_run(task, variant: str, seed: int, run_dir: Path, device: str, backend: str | None, dd: Dist,
+              on_step: Callable[[int, float], None] | None = None) -> dict:
+    """Train one (task, variant, seed) to task.size.steps, resuming from its checkpoint; return its result."""
+    result_path = run_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    size: TaskSize = task.size
+    torch.manual_seed(seed)
+    model = task.build(variant, backend).to(device)
+    params = sum(p.numel() for p in model.parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=size.lr)
+    ckpt_path = run_dir / "checkpoint.pt"
+    step, train_s, curve, window = 0, 0.0, [], []
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, train_s, curve = ck["step"], ck["train_s"], ck["curve"]
+        torch.set_rng_state(ck["rng"])
+    wrapped = dd.wrap(model)
+
+    def checkpoint() -> None:
+        if dd.main:
+            atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
+                         "curve": curve, "rng": torch.get_rng_state()}, ckpt_path)
+
+    try:
+        while step < size.steps:
+            batch = _to(task.batch(seed, step, dd.rank, dd.world), device)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(size, step)
+            t0 = time.perf_counter()
+            loss = task.loss(wrapped, batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            train_s += time.perf_counter() - t0
+            step += 1
+            window.append(loss.item())
+            if step % size.log_every == 0 or step == size.steps:
+                curve.append([step, round(train_s, 4), dd.mean(sum(window) / len(window))])
+                window = []
+            if step % size.ckpt_every == 0 and step < size.steps:
+                checkpoint()
+            if on_step:
+                on_step(step, window[-1] if window else curve[-1][2])
+    except KeyboardInterrupt:
+        checkpoint()  # keep every finished step
+        raise
+    metrics = task.evaluate(model) if dd.main else {}
+    result = {"task": task.name, "variant": variant, "seed": seed, "steps": step, "train_seconds": train_s,
+              "seconds_per_1k_steps": 1000 * train_s / max(step, 1), "params": params, "curve": curve,
+              "size": asdict(size), "world_size": dd.world, "backend": backend, **metrics}
+    if dd.main:
+        atomic_json(result_path, result)
+        ckpt_path.unlink(missing_ok=True)
+    dd.barrier()
+    return result
+
+
+def time_variants(task, variants: list[str], device: str, backend: str | None, rounds: int, steps: int,
+                  path: Path) -> dict:
+    """Seconds per training step of every variant, timed round-robin: each round runs ``steps`` steps of
+    each variant (order rotated), so slow drifts of the machine hit all variants alike. Evaluation and
+    data loading are excluded (batches are prepared before timing)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    torch.manual_seed(0)
+    models = {v: task.build(v, backend).to(device) for v in variants}
+    opts = {v: torch.optim.Adam(m.parameters(), lr=task.size.lr) for v, m in models.items()}
+    batches = [_to(task.batch(0, i), device) for i in range(steps)]
+
+    def run(v: str) -> float:
+        t0 = time.perf_counter()
+        for b in batches:
+            loss = task.loss(models[v], b)
+            opts[v].zero_grad(set_to_none=True)
+            loss.backward()
+            opts[v].step()
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return (time.perf_counter() - t0) / len(batches)
+
+    for v in variants:  # warm-up (allocator, JIT builds, caches)
+        run(v)
+    samples: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for v in order:
+            samples[v].append(run(v))
+    out = {"task": task.name, "rounds": rounds, "steps_per_round": steps, "threads": torch.get_num_threads(),
+           "device": device, "backend": backend, "seconds_per_step": samples}
+    atomic_json(path, out)
+    return out

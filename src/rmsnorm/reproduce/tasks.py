@@ -1,0 +1,180 @@
+"""Tasks: data, deterministic batches, model, loss and evaluation for each experiment of the paper."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import data as D
+from .models import BOS, EOS, PAD, ConvPoolCNNC, GRUSeq2Seq, TransformerMT
+from .presets import TaskSize
+
+TASKS = ("mt-gru", "mt-transformer", "image")
+TASK_TITLES = {
+    "mt-gru": "MT En→Es, GRU encoder-decoder with attention (RNNSearch)",
+    "mt-transformer": "MT En→Es, post-norm Transformer",
+    "image": "Fashion-MNIST, ConvPool-CNN-C",
+}
+
+
+def check_tasks(names: list[str]) -> list[str]:
+    bad = [n for n in names if n not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    return names
+
+
+def _epoch_index(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def _slice(n: int, batch: int, seed: int, step: int, rank: int, world: int) -> np.ndarray:
+    """Example indices of this rank's share of global batch ``step`` (a fixed function of the step, so a
+    resumed run sees the same data)."""
+    per_epoch = max(1, n // (batch * world))
+    epoch, within = divmod(step, per_epoch)
+    idx = _epoch_index(n, seed, epoch)
+    start = (within * world + rank) * batch
+    return idx[start:start + batch]
+
+
+# -------------------------------------------------------------------------------------------- translation
+
+def train_tokenizer(texts: list[str], vocab: int, path: Path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if path.exists():
+        return Tokenizer.from_file(str(path))
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tok.save(str(tmp))
+    tmp.replace(path)
+    return tok
+
+
+@dataclass
+class MTData:
+    tok: object
+    vocab: int
+    train_src: list[list[int]]
+    train_tgt: list[list[int]]
+    test_src: list[list[int]]
+    test_ref: list[str]
+    test_src_text: list[str]
+
+
+class Translation:
+    metric, higher_is_better = "BLEU", True
+
+    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+        self.name, self.size = name, size
+        corpus = D.load_bible(which)
+        tok = train_tokenizer(corpus["train"].src + corpus["train"].tgt, size.vocab, work / f"bpe-{size.vocab}.json")
+        enc = lambda xs: [e.ids[: size.max_len] for e in tok.encode_batch(xs)]
+        n_test = min(size.eval_examples, len(corpus["test"].src))
+        self.data = MTData(tok, tok.get_vocab_size(), enc(corpus["train"].src), enc(corpus["train"].tgt),
+                           enc(corpus["test"].src[:n_test]), corpus["test"].tgt[:n_test], corpus["test"].src[:n_test])
+
+    def build(self, variant: str, backend: str | None):
+        s = self.size
+        if self.name == "mt-gru":
+            return GRUSeq2Seq(self.data.vocab, s.emb, s.hidden, variant, backend)
+        return TransformerMT(self.data.vocab, s.hidden, s.heads, s.ffn, s.layers, variant, backend,
+                             dropout=s.dropout)
+
+    @staticmethod
+    def _pad(seqs: list[list[int]], bos: bool = False, eos: bool = False) -> torch.Tensor:
+        seqs = [([BOS] if bos else []) + s + ([EOS] if eos else []) for s in seqs]
+        out = torch.full((len(seqs), max(len(s) for s in seqs)), PAD, dtype=torch.long)
+        for i, s in enumerate(seqs):
+            out[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return out
+
+    def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
+        idx = _slice(len(self.data.train_src), self.size.batch, seed, step, rank, world)
+        src = self._pad([self.data.train_src[i] for i in idx])
+        tgt = [self.data.train_tgt[i] for i in idx]
+        return src, self._pad(tgt, bos=True), self._pad(tgt, eos=True)
+
+    def loss(self, model, batch) -> torch.Tensor:
+        src, tgt_in, tgt_out = batch
+        logits = model(src, tgt_in)
+        return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
+                               label_smoothing=self.size.label_smoothing)
+
+    def evaluate(self, model) -> dict:
+        import sacrebleu
+
+        model.eval()
+        hyps = []
+        with torch.no_grad():
+            for i in range(0, len(self.data.test_src), 64):
+                src = self._pad(self.data.test_src[i:i + 64])
+                out = model.greedy(src, max_len=min(self.size.max_len + 8, int(src.shape[1] * 1.5) + 8))
+                for row in out.tolist():
+                    row = row[: row.index(EOS)] if EOS in row else row
+                    hyps.append(self.data.tok.decode([t for t in row if t > EOS]))
+        model.train()
+        bleu = sacrebleu.corpus_bleu(hyps, [self.data.test_ref])
+        return {"BLEU": round(bleu.score, 2), "examples": len(hyps), "sample": hyps[:2]}
+
+    def trivial_baseline(self) -> dict:
+        import sacrebleu
+
+        return {"copy-source BLEU": round(sacrebleu.corpus_bleu(self.data.test_src_text,
+                                                                [self.data.test_ref]).score, 2)}
+
+
+# ----------------------------------------------------------------------------------------------- images
+
+class Images:
+    metric, higher_is_better = "test error %", False
+
+    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+        self.name, self.size = name, size
+        f = D.load_fashion(which)
+        mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set statistics
+        conv = lambda x: ((torch.from_numpy(x).float() / 255.0 - mean) / std)[:, None]
+        self.x_train, self.y_train = conv(f["x_train"]), torch.from_numpy(f["y_train"]).long()
+        n_test = min(size.eval_examples, len(f["y_test"]))
+        self.x_test, self.y_test = conv(f["x_test"][:n_test]), torch.from_numpy(f["y_test"][:n_test]).long()
+
+    def build(self, variant: str, backend: str | None):
+        return ConvPoolCNNC(self.size.hidden, self.size.ffn, variant, backend, dropout=self.size.dropout)
+
+    def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
+        idx = torch.from_numpy(_slice(len(self.y_train), self.size.batch, seed, step, rank, world))
+        x = self.x_train[idx]
+        flip = torch.from_numpy(np.random.default_rng([seed, step, rank]).random(len(idx)) < 0.5)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flips (augmentation)
+        return x, self.y_train[idx]
+
+    def loss(self, model, batch) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(self, model) -> dict:
+        model.eval()
+        wrong = 0
+        with torch.no_grad():
+            for i in range(0, len(self.y_test), 500):
+                wrong += (model(self.x_test[i:i + 500]).argmax(-1) != self.y_test[i:i + 500]).sum().item()
+        model.train()
+        return {"test error %": round(100.0 * wrong / len(self.y_test), 2), "examples": len(self.y_test)}
+
+    def trivial_baseline(self) -> dict:
+        return {"chance error %": 90.0}
+
+
+def make_task(name: str, size: TaskSize, which: str, work: Path):
+    return Images(name, size, which, work) if name == "image" else Translation(name, size, which, work)
