@@ -1,0 +1,168 @@
+"""`rmsnorm reproduce`: seconds-long smoke runs of every task and variant on the shipped real-data sample,
+resume after an interruption, the report, bad arguments, and a 2-process gloo DDP run."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from rmsnorm.reproduce import data as D
+from rmsnorm.reproduce.cli import main as reproduce_main
+from rmsnorm.reproduce.norms import VARIANTS, Norm, SpatialNorm
+from rmsnorm.reproduce.tasks import TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _args(out: Path, **kw):
+    import argparse
+
+    base = {"preset": "smoke", "tasks": ",".join(TASKS), "variants": ",".join(VARIANTS), "seeds": None,
+            "steps": None, "device": "cpu", "backend": None, "threads": None, "out": out, "dry_run": False,
+            "no_progress": True}
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("smoke")
+    assert reproduce_main(_args(out)) == 0
+    return out
+
+
+def test_sample_data_is_real_and_shipped():
+    bible = D.load_bible("sample")
+    assert len(bible["train"].src) == 600 and len(bible["test"].tgt) == 80
+    assert "God" in " ".join(bible["train"].src) and "Dios" in " ".join(bible["train"].tgt)
+    f = D.load_fashion("sample")
+    assert f["x_train"].shape == (1200, 28, 28) and set(f["y_train"].tolist()) == set(range(10))
+
+
+def test_diatheke_parser():
+    text = ('<title canonical="true">A Psalm.</title> <l sID="x"/>Psalms 3:1: Yahweh, how <w savlm="s">my</w> '
+            'adversaries have increased!<l eID="x"/>\n<note>n</note>Psalms 3:2: Many there are &amp; more.\n'
+            '(engWEB2015eb)\n')
+    assert D.parse_diatheke(text) == {("Psalms", 3, 1): "Yahweh, how my adversaries have increased!",
+                                      ("Psalms", 3, 2): "Many there are & more."}
+
+
+def test_every_task_and_variant_runs(smoke_run):
+    for t in TASKS:
+        for v in VARIANTS:
+            r = json.loads((smoke_run / "runs" / t / v / "seed0" / "result.json").read_text())
+            assert r["steps"] == 6 and r["curve"] and r["train_seconds"] > 0
+            metric = "test error %" if t == "image" else "BLEU"
+            assert 0.0 <= r[metric] <= 100.0
+            assert not (smoke_run / "runs" / t / v / "seed0" / "checkpoint.pt").exists()
+        timing = json.loads((smoke_run / "timing" / f"{t}.json").read_text())
+        assert set(timing["seconds_per_step"]) == set(VARIANTS)
+
+
+def test_report_and_outputs(smoke_run):
+    report = (smoke_run / "report.md").read_text()
+    for needle in ("paper: BLEU", "prmsnorm", "torch-rmsnorm", "% saved", "copy-source BLEU", "figures/image.png"):
+        assert needle in report
+    rows = json.loads((smoke_run / "results.json").read_text())["rows"]
+    assert len(rows) == len(TASKS) * len(VARIANTS)
+    assert (smoke_run / "results.csv").read_text().startswith("task,variant")
+    for t in TASKS:
+        assert (smoke_run / "figures" / f"{t}.png").stat().st_size > 1000
+
+
+def test_finished_runs_are_not_retrained(smoke_run, capsys):
+    before = {p: p.stat().st_mtime_ns for p in (smoke_run / "runs").rglob("result.json")}
+    assert reproduce_main(_args(smoke_run)) == 0
+    after = {p: p.stat().st_mtime_ns for p in (smoke_run / "runs").rglob("result.json")}
+    assert before == after
+
+
+def test_resume_after_interruption(tmp_path, monkeypatch):
+    """Interrupt a run after 4 of 6 steps (KeyboardInterrupt), then resume: the run restarts from its
+    checkpoint and ends exactly where an uninterrupted run ends."""
+    import rmsnorm.reproduce.runner as runner
+
+    full = tmp_path / "full"
+    assert reproduce_main(_args(full, tasks="image", variants="rmsnorm")) == 0
+    part = tmp_path / "part"
+    real = runner.train_run
+    calls = {"n": 0}
+
+    def interrupting(task, variant, seed, run_dir, device, backend, dd, on_step=None):
+        def hook(step, loss):
+            calls["n"] = step
+            if step == 4:
+                raise KeyboardInterrupt
+        return real(task, variant, seed, run_dir, device, backend, dd, on_step=hook)
+
+    monkeypatch.setattr(runner, "train_run", interrupting)
+    assert reproduce_main(_args(part, tasks="image", variants="rmsnorm")) == 130
+    ck = torch.load(part / "runs/image/rmsnorm/seed0/checkpoint.pt", weights_only=False)
+    assert ck["step"] == 4
+    monkeypatch.setattr(runner, "train_run", real)
+    assert reproduce_main(_args(part, tasks="image", variants="rmsnorm")) == 0
+    a = json.loads((full / "runs/image/rmsnorm/seed0/result.json").read_text())
+    b = json.loads((part / "runs/image/rmsnorm/seed0/result.json").read_text())
+    assert a["test error %"] == b["test error %"]
+    assert [c[2] for c in a["curve"]] == pytest.approx([c[2] for c in b["curve"]], rel=1e-4)
+
+
+def test_bad_names_and_dry_run(tmp_path, capsys):
+    assert reproduce_main(_args(tmp_path, preset="huge")) == 2
+    assert reproduce_main(_args(tmp_path, tasks="mt-lstm")) == 2
+    assert reproduce_main(_args(tmp_path, variants="batchnorm")) == 2
+    err = capsys.readouterr().err
+    assert "huge" in err and "mt-lstm" in err and "batchnorm" in err
+    assert reproduce_main(_args(tmp_path, dry_run=True)) == 0
+    assert "training runs" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_missing_data_is_a_clear_message(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RMSNORM_DATA", str(tmp_path / "nodata"))
+    monkeypatch.setattr(D, "FASHION_DIR", tmp_path / "nothing")
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert reproduce_main(_args(tmp_path / "o", preset="quick", tasks="image")) == 3
+    assert "apt-get install" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_norm_variants(variant):
+    x, r = torch.randn(3, 5, 16), torch.randn(3, 5, 16)
+    n = Norm(variant, 16)
+    y = n(x, residual=r)
+    assert y.shape == x.shape
+    if variant == "baseline":
+        assert torch.equal(y, x + r)
+    elif variant == "layernorm":
+        assert torch.allclose(y.var(-1, unbiased=False), torch.ones(3, 5), atol=1e-3)
+    elif variant in ("rmsnorm", "torch-rmsnorm"):  # gain 1, bias 0 at initialisation
+        assert torch.allclose(y.square().mean(-1), torch.ones(3, 5), atol=1e-3)
+    s = SpatialNorm(variant, 4)(torch.randn(2, 4, 6, 6))
+    assert s.shape == (2, 4, 6, 6)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_two_gloo_processes(tmp_path):
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={env['MASTER_PORT']}", "-m", "rmsnorm", "reproduce", "--preset", "smoke", "--tasks",
+           "image,mt-transformer", "--variants", "layernorm,rmsnorm", "--out", str(tmp_path), "--no-progress"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for t in ("image", "mt-transformer"):
+        r = json.loads((tmp_path / "runs" / t / "rmsnorm" / "seed0" / "result.json").read_text())
+        assert r["world_size"] == 2 and r["steps"] == 6
+    assert (tmp_path / "report.md").exists()
