@@ -65,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     from .tasks import make_task
 
     dd = Dist(args.device)
-    meta = {"preset": preset.name, "command": "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[2:]).strip()
+    meta = {"preset": preset.name, "command": "rmsnorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
             if sys.argv[1:2] == ["reproduce"] else "rmsnorm reproduce",
             "machine": _cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,

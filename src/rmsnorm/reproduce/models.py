@@ -149,8 +149,11 @@ class TransformerMT(nn.Module):
         self.enc = nn.ModuleList(_Block(d, heads, ffn, variant, backend, False, dropout) for _ in range(layers))
         self.dec = nn.ModuleList(_Block(d, heads, ffn, variant, backend, True, dropout) for _ in range(layers))
         self.drop = nn.Dropout(dropout)
+        nn.init.normal_(self.emb.weight, std=d ** -0.5)  # tied with the output layer, scaled by sqrt(d) on input
+        with torch.no_grad():
+            self.emb.weight[PAD].zero_()
         self.proj = nn.Linear(d, vocab)
-        self.proj.weight = self.emb.weight  # tied embeddings
+        self.proj.weight = self.emb.weight
 
     def _embed(self, tok):
         return self.drop(self.emb(tok) * math.sqrt(self.d) + self.pe[: tok.shape[1]])

@@ -62,8 +62,8 @@ PRESETS = {
     "full": Preset("full", "full", 3, {
         "mt-gru": TaskSize(steps=400, batch=48, lr=2e-3, hidden=160, emb=96, vocab=4000, max_len=36,
                            eval_examples=500, ckpt_every=50),
-        "mt-transformer": TaskSize(steps=500, batch=48, lr=1e-3, hidden=128, ffn=512, heads=4, layers=2,
-                                   vocab=4000, max_len=32, warmup=150, dropout=0.1, eval_examples=500,
+        "mt-transformer": TaskSize(steps=600, batch=48, lr=2e-3, hidden=128, ffn=512, heads=4, layers=2,
+                                   vocab=4000, max_len=32, warmup=100, dropout=0.1, eval_examples=500,
                                    ckpt_every=50),
         "image": TaskSize(steps=1000, batch=64, lr=2e-3, hidden=16, ffn=32, eval_examples=10000,
                           ckpt_every=100),
