@@ -17,7 +17,8 @@ class RMSNorm(nn.Module):
     Same positional signature, parameters and state_dict keys as ``torch.nn.RMSNorm`` (``weight``, and
     ``bias`` when ``bias=True``); ``eps=None`` gives torch's default. ``p < 1`` takes the RMS over the
     first ceil(p*N) elements (pRMSNorm). The gain is initialised so that ``weight + offset == 1``.
-    ``forward(x, residual=None)`` returns y, or (y, x + residual) when a residual is given.
+    ``forward(x, residual=None)`` returns y, or (y, x + residual) when a residual is given. ``out_dtype``
+    fixes the output dtype (default: the input's, or with cast="llama" its promotion with the gain's).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class RMSNorm(nn.Module):
         partial_rounding: str = "ceil",
         offset: float = 0.0,
         cast: str = "fp32",
+        out_dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -47,6 +49,9 @@ class RMSNorm(nn.Module):
         self.partial_rounding = partial_rounding
         self.offset = float(offset)
         self.cast = cast
+        if out_dtype is not None and out_dtype not in _args.FLOAT_DTYPES:
+            raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
+        self.out_dtype = out_dtype
         factory = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
@@ -75,7 +80,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
                         partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
-                        cast=self.cast, normalized_shape=self.normalized_shape)
+                        cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape)
 
     def extra_repr(self) -> str:
         parts = [f"{self.normalized_shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]
@@ -89,6 +94,8 @@ class RMSNorm(nn.Module):
             parts.append(f"offset={self.offset}")
         if self.cast != "fp32":
             parts.append(f"cast={self.cast!r}")
+        if self.out_dtype is not None:
+            parts.append(f"out_dtype={self.out_dtype}")
         return ", ".join(parts)
 
     @classmethod

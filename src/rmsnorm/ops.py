@@ -138,6 +138,10 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
         prm: Params, out_dtype: torch.dtype, backend: registry.Backend) -> tuple[Tensor, Tensor | None]:
     """Route one call: custom op when tracing or for tensor subclasses, else the eager fast path."""
     if type(x) is not Tensor or torch.compiler.is_compiling():
+        if type(x).__name__ == "DTensor":
+            from .distributed import register_dtensor_rules
+
+            register_dtensor_rules()
         y, h, _ = forward_op(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside, prm.offset,
                              prm.llama, out_dtype, backend.name)
         return y, (h if residual is not None else None)

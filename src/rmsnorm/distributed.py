@@ -1,0 +1,66 @@
+"""DTensor sharding rules for the rmsnorm custom ops (tensor and sequence parallelism).
+
+With rules registered, a DTensor input runs the fused kernel on each rank's local shard:
+
+- forward: x (and residual) sharded on any dimension that is not normalized, or replicated; weight and
+  bias replicated. y, h and rstd keep x's placement.
+- backward: dx keeps the placement; dW and db are Partial (each rank's sum over its rows), which DTensor
+  reduces when the gradient is used, so the weight gradient equals the single-device one.
+
+FSDP2 needs nothing: it all-gathers parameters into plain tensors before the forward. DDP likewise.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+_done = threading.Event()
+_lock = threading.Lock()
+
+
+def register_dtensor_rules() -> bool:
+    """Register the sharding rules once; False where torch.distributed.tensor is unavailable."""
+    if _done.is_set():
+        return True
+    with _lock:
+        if _done.is_set():
+            return True
+        if not torch.distributed.is_available():
+            return False
+        try:
+            from torch.distributed.tensor import Partial, Replicate, Shard
+            from torch.distributed.tensor.experimental import register_sharding
+        except ImportError:
+            return False
+        from . import ops  # noqa: F401  (defines the ops)
+
+        fwd, bwd = torch.ops.rmsnorm.forward.default, torch.ops.rmsnorm.backward.default
+        n_scalar_fwd, n_scalar_bwd = 8, 9
+
+        @register_sharding(fwd)
+        def _forward_rule(x, weight, bias, residual, normalized_ndim, *scalars):
+            r = Replicate()
+            opt = lambda t, p: None if t is None else p
+            strategies = [([r, r, r], [r, opt(weight, r), opt(bias, r), opt(residual, r), *[None] * n_scalar_fwd])]
+            for d in range(x.ndim - normalized_ndim):
+                s = Shard(d)
+                strategies.append(([s, s if residual is not None else r, s],
+                                   [s, opt(weight, r), opt(bias, r), opt(residual, s), *[None] * n_scalar_fwd]))
+            return strategies
+
+        @register_sharding(bwd)
+        def _backward_rule(dy, dh, h, weight, bias, rstd, normalized_ndim, k, eps, eps_outside, offset, llama,
+                           need_dw, need_db, backend):
+            r = Replicate()
+            opt = lambda t, p: None if t is None else p
+            strategies = [([r, r, r], [r, opt(dh, r), r, opt(weight, r), opt(bias, r), r, *[None] * n_scalar_bwd])]
+            for d in range(h.ndim - normalized_ndim):
+                s = Shard(d)
+                strategies.append(([s, Partial() if need_dw else r, Partial() if need_db else r],
+                                   [s, opt(dh, s), s, opt(weight, r), opt(bias, r), s, *[None] * n_scalar_bwd]))
+            return strategies
+
+        _done.set()
+        return True

@@ -1,0 +1,188 @@
+"""``rmsnorm.accelerate``: replace modules that already compute RMSNorm with rmsnorm.RMSNorm, numerics kept.
+
+Families are recognised by what their ``forward`` computes, not only by name: the source of a module's
+``forward`` (and ``_norm``) with its class name, docstrings and comments removed is compared with the
+known families of Hugging Face transformers. That covers the 180 or so RMSNorm classes there that are
+copies of a few implementations (LlamaRMSNorm is repeated in about 140 models). Instances are replaced
+and share the original parameters; no class is patched.
+
+Presets (families, examples; numerics):
+
+- llama: Llama, Mistral, Mixtral, Qwen2/2.5/3, Phi-3, DeepSeek, Granite, GLM; fp32 statistics, the
+  normalized x cast to the input dtype before the gain (cast="llama").
+- gemma: Gemma, Gemma 2/3, RecurrentGemma; gain 1 + w (offset=1), all fp32, output in the input dtype.
+- olmo: OLMo hybrid, FlexOlmo, AFMoE; all fp32 (gain included), output in the input dtype.
+- gemma4: Gemma 3n/4 (``with_scale``); all fp32, optional gain, output in the input dtype.
+- t5: T5, LongT5, UMT5, Switch, Pix2Struct, Idefics; fp32 statistics, rounded to a half-precision gain's
+  dtype (exact when the input has that dtype); an fp32 gain gives an fp32 output.
+- torch: torch.nn.RMSNorm; torch's numerics (cast="fp32").
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import re
+import textwrap
+
+import torch
+from torch import nn
+
+from ..module import RMSNorm
+from .report import SurgeryReport, set_submodule
+
+_FAMILIES = {
+    "llama": """
+def forward(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return self.weight * hidden_states.to(input_dtype)
+""",
+    "gemma": """
+def _norm(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+def forward(self, x):
+    output = self._norm(x.float())
+    output = output * (1.0 + self.weight.float())
+    return output.type_as(x)
+""",
+    "olmo": """
+def forward(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return (self.weight * hidden_states).to(input_dtype)
+""",
+    "t5": """
+def forward(self, hidden_states):
+    variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    if self.weight.dtype in [torch.float16, torch.bfloat16]:
+        hidden_states = hidden_states.to(self.weight.dtype)
+    return self.weight * hidden_states
+""",
+    "gemma4": """
+def _norm(self, hidden_states):
+    mean_squared = hidden_states.pow(2).mean(-1, keepdim=True) + self.eps
+    return hidden_states * torch.pow(mean_squared, -0.5)
+def forward(self, hidden_states):
+    normed_output = self._norm(hidden_states.float())
+    if self.with_scale:
+        normed_output = normed_output * self.weight.float()
+    return normed_output.type_as(hidden_states)
+""",
+}
+
+
+def _normalize(code: str, class_name: str | None = None) -> str:
+    """Source of forward/_norm without annotations, docstrings and comments, the class name replaced."""
+    tree = ast.parse(textwrap.dedent(code))
+    funcs = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef) and node.name in ("forward", "_norm"):
+            node.returns = None
+            for a in node.args.args:
+                a.annotation = None
+            if node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant):
+                node.body = node.body[1:] or [ast.Pass()]
+            funcs.append(node)
+    funcs.sort(key=lambda f: f.name)
+    text = "\n".join(ast.unparse(f) for f in funcs)
+    return text.replace(class_name, "CLS") if class_name else text
+
+
+_KNOWN = {_normalize(src): name for name, src in _FAMILIES.items()}
+
+
+@functools.cache
+def family_of(cls: type) -> str | None:
+    """The known family whose computation ``cls.forward`` repeats, or None."""
+    if issubclass(cls, nn.RMSNorm):
+        return "torch"
+    parts = []
+    for meth in ("forward", "_norm"):
+        fn = cls.__dict__.get(meth)
+        if fn is not None:
+            try:
+                parts.append(inspect.getsource(fn))
+            except (OSError, TypeError):
+                return None
+    if not parts:
+        return None
+    try:
+        return _KNOWN.get(_normalize("\n".join(textwrap.dedent(p) for p in parts), cls.__name__))
+    except SyntaxError:
+        return None
+
+
+def _eps(module: nn.Module, default: float | None) -> float | None:
+    for attr in ("variance_epsilon", "eps"):
+        if hasattr(module, attr):
+            return getattr(module, attr)
+    return default
+
+
+def replacement(module: nn.Module, family: str) -> RMSNorm:
+    """An RMSNorm reproducing ``module`` (of a known family) and sharing its parameters."""
+    weight = getattr(module, "weight", None)
+    if family == "torch":
+        new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
+    else:
+        if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
+            raise ValueError(f"{type(module).__name__} has no weight parameter")
+        shape = tuple(weight.shape) if weight is not None else None
+        eps = _eps(module, 1e-6)
+        if family == "llama":
+            new = RMSNorm(shape, eps, cast="llama")
+        elif family == "gemma":
+            new = RMSNorm(shape, eps, offset=1.0)
+        elif family == "olmo":
+            new = RMSNorm(shape, eps)
+        elif family == "gemma4":
+            with_scale = bool(getattr(module, "with_scale", weight is not None))
+            dim = shape or (getattr(module, "dim", None),)
+            new = RMSNorm(dim, eps, elementwise_affine=with_scale)
+        elif family == "t5":
+            half = weight.dtype in (torch.float16, torch.bfloat16)
+            # exact when the input has the gain's dtype (T5 rounds to the gain's dtype, "llama" to the input's)
+            new = RMSNorm(shape, eps, cast="llama" if half else "fp32", out_dtype=None if half else torch.float32)
+        else:
+            raise ValueError(f"unknown family {family!r}")
+    if new.weight is not None:
+        new.weight = weight if family != "torch" else module.weight
+    new.train(module.training)
+    return new
+
+
+def accelerate(model: nn.Module) -> SurgeryReport:
+    """Replace, in place, every module that computes RMSNorm in a known way with rmsnorm.RMSNorm.
+
+    The new modules reproduce each family's numerics (see the table in this module's docstring) and share
+    the original parameters, so state_dicts and optimizers are unaffected. Modules that look like an
+    RMSNorm (by name) but whose forward is not a known family are left and reported.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    report = SurgeryReport("accelerate RMSNorm modules")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, RMSNorm):
+            continue
+        family = family_of(type(module))
+        if family is None:
+            if re.search(r"RMSNorm|T5LayerNorm", type(module).__name__):
+                report.skipped.append((name, f"{type(module).__name__}: forward is not a known RMSNorm family"))
+            continue
+        try:
+            new = replacement(module, family)
+        except (ValueError, TypeError, AttributeError) as exc:
+            report.skipped.append((name, f"{type(module).__name__}: {exc}"))
+            continue
+        if name == "":
+            raise ValueError("accelerate(model) replaces submodules; pass the model that contains the norm")
+        set_submodule(model, name, new)
+        report.changed.append((name, f"{type(module).__name__} -> RMSNorm ({family} numerics)"))
+    return report

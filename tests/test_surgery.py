@@ -1,0 +1,210 @@
+"""Model surgery on tiny Hugging Face models built from random configs (no downloads): accelerate keeps the
+numerics of each family; the exact Pre-LN -> Pre-RMSNorm conversion keeps GPT-2's logits; convert swaps
+LayerNorms by name."""
+
+import pytest
+import torch
+from torch import nn
+
+import rmsnorm
+from rmsnorm.surgery import ExactConversionError, family_of
+
+transformers = pytest.importorskip("transformers")
+
+DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+
+
+def _decoder(name: str, dtype=torch.float32):
+    t = transformers
+    kw = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    cfg, cls = {
+        "llama": (t.LlamaConfig, t.LlamaForCausalLM), "mistral": (t.MistralConfig, t.MistralForCausalLM),
+        "qwen2": (t.Qwen2Config, t.Qwen2ForCausalLM), "qwen3": (t.Qwen3Config, t.Qwen3ForCausalLM),
+        "gemma": (t.GemmaConfig, t.GemmaForCausalLM),
+    }[name]
+    if name in ("gemma", "qwen3"):
+        kw["head_dim"] = 16
+    torch.manual_seed(0)
+    model = cls(cfg(**kw)).eval().to(dtype)
+    _randomize_norms(model)
+    return model
+
+
+def _t5(dtype=torch.float32):
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=96, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    model = transformers.T5ForConditionalGeneration(cfg).eval().to(dtype)
+    _randomize_norms(model)
+    return model
+
+
+def _randomize_norms(model):
+    with torch.no_grad():
+        for m in model.modules():
+            if "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None), nn.Parameter):
+                m.weight.copy_(torch.rand_like(m.weight.float()) * 0.8 + 0.1)
+
+
+def _forward(model, ids):
+    if isinstance(model, transformers.T5ForConditionalGeneration):
+        return model(input_ids=ids, decoder_input_ids=ids[:, :5]).logits
+    return model(ids).logits
+
+
+def _grads(model, ids):
+    model.zero_grad()
+    _forward(model, ids).float().square().mean().backward()
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma", "t5"])
+def test_accelerate_keeps_logits_and_gradients(family, dtype):
+    model = _t5(dtype) if family == "t5" else _decoder(family, dtype)
+    ids = torch.randint(3, 96, (2, 11))
+    ref, ref_grads = _forward(model, ids).detach(), _grads(model, ids)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = rmsnorm.accelerate(model)
+    assert len(report.changed) >= 5 and not report.skipped, str(report)
+    assert all(isinstance(m, rmsnorm.RMSNorm) for n, m in model.named_modules() if "norm" in n.split(".")[-1])
+    out = _forward(model, ids).detach()
+    tol = DTYPE_TOL[dtype]
+    assert out.dtype == ref.dtype
+    assert (out.float() - ref.float()).abs().max().item() <= tol * (1 + ref.float().abs().max().item())
+    grads = _grads(model, ids)
+    assert set(grads) == set(ref_grads)
+    for k in grads:
+        scale = 1 + ref_grads[k].float().abs().max().item()
+        assert (grads[k].float() - ref_grads[k].float()).abs().max().item() <= 10 * tol * scale, k
+    # state_dict round-trips: same keys, same values, and loads back
+    new_state = model.state_dict()
+    assert set(new_state) == set(state)
+    assert all(torch.equal(new_state[k], state[k]) for k in state)
+    model.load_state_dict(state)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_accelerate_greedy_generate_same_tokens(family):
+    model = _decoder(family)
+    ids = torch.randint(3, 96, (2, 6))
+    ref = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    rmsnorm.accelerate(model)
+    assert torch.equal(model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=0), ref)
+
+
+def test_accelerate_torch_rmsnorm_and_unknown_families():
+    class Odd(nn.Module):  # looks like an RMSNorm by name, computes something else
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return x * self.weight
+
+    Odd.__name__ = "OddRMSNorm"
+    model = nn.Sequential(nn.RMSNorm(8, eps=1e-5), nn.Linear(8, 8), Odd())
+    x = torch.randn(3, 8)
+    ref = model(x)
+    report = rmsnorm.accelerate(model)
+    assert [n for n, _ in report.changed] == ["0"] and [n for n, _ in report.skipped] == ["2"]
+    assert isinstance(model[0], rmsnorm.RMSNorm) and torch.allclose(model(x), ref, atol=1e-6)
+    assert family_of(nn.RMSNorm) == "torch" and family_of(Odd) is None
+    with pytest.raises(TypeError, match="model"):
+        rmsnorm.accelerate("not a model")
+
+
+def test_compile_accelerated_llama_has_no_graph_break():
+    torch._dynamo.reset()
+    model = _decoder("llama")
+    rmsnorm.accelerate(model)
+    ids = torch.randint(3, 96, (1, 8))
+    explanation = torch._dynamo.explain(lambda i: model(i).logits)(ids)
+    assert explanation.graph_break_count == 0
+    compiled = torch.compile(lambda i: model(i).logits, fullgraph=True)
+    torch.testing.assert_close(compiled(ids), model(ids).logits, rtol=1e-4, atol=1e-4)
+    torch._dynamo.reset()
+
+
+def _gpt2(cls=None, n_layer=2):
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_embd=64, n_layer=n_layer, n_head=4, vocab_size=96, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    model = (cls or transformers.GPT2LMHeadModel)(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.2)
+    return model
+
+
+@pytest.mark.parametrize("cls", ["GPT2LMHeadModel", "GPT2Model"])
+def test_exact_conversion_keeps_gpt2_outputs(cls):
+    model = _gpt2(getattr(transformers, cls), n_layer=3)
+    ids = torch.randint(0, 96, (2, 17))
+    get = (lambda o: o.logits) if cls == "GPT2LMHeadModel" else (lambda o: o.last_hidden_state)
+    ref = get(model(ids)).detach()
+    report = rmsnorm.convert(model, exact=True)
+    out = get(model(ids)).detach()
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules())
+    changed = {n for n, _ in report.changed}
+    expected = {"transformer.wte", "transformer.wpe", "transformer.ln_f"} if cls == "GPT2LMHeadModel" else {
+        "wte", "wpe", "ln_f"}
+    prefix = "transformer." if cls == "GPT2LMHeadModel" else ""
+    for i in range(3):
+        for part in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
+            expected.add(f"{prefix}h.{i}.{part}")
+    assert expected <= changed
+    # the residual stream is zero-mean: every norm input is centered
+    seen = []
+    hooks = [m.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].mean(-1).abs().max().item()))
+             for m in model.modules() if isinstance(m, rmsnorm.RMSNorm)]
+    model(ids)
+    for h in hooks:
+        h.remove()
+    assert max(seen) < 1e-4
+
+
+def test_exact_conversion_refuses_other_architectures():
+    torch.manual_seed(0)
+    llama = _decoder("llama")
+    with pytest.raises(ExactConversionError, match="GPT-2"):
+        rmsnorm.convert(llama, exact=True)
+    with pytest.raises(ExactConversionError, match="GPT-2"):
+        rmsnorm.convert(nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4)), exact=True)
+    with pytest.raises(ValueError, match="exact=True"):
+        rmsnorm.convert(_gpt2(), exact=True, p=0.5)
+
+
+def test_convert_swaps_layernorms_by_name():
+    model = _gpt2()
+    ids = torch.randint(0, 96, (2, 9))
+    report = rmsnorm.convert(model, include="transformer.h.*", exclude="*.ln_2", p=0.25)
+    changed = [n for n, _ in report.changed]
+    assert changed == ["transformer.h.0.ln_1", "transformer.h.1.ln_1"]
+    skipped = dict(report.skipped)
+    assert skipped["transformer.h.0.ln_2"] == "matched by exclude"
+    assert skipped["transformer.ln_f"] == "not matched by include"
+    norm = model.transformer.h[0].ln_1
+    assert isinstance(norm, rmsnorm.RMSNorm) and norm.p == 0.25 and norm.bias is None
+    assert isinstance(model.transformer.h[0].ln_2, nn.LayerNorm)
+    model.train()
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    assert norm.weight.grad is not None
+    full = _gpt2()
+    report = rmsnorm.convert(full, keep_bias=True)
+    assert len(report.changed) == 5 and not any(isinstance(m, nn.LayerNorm) for m in full.modules())
+    assert str(report).startswith("convert LayerNorm -> RMSNorm: 5 module(s) changed")
+
+
+@pytest.mark.parametrize("bad,exc", [({"include": 3}, TypeError), ({"p": 0.0}, ValueError),
+                                     ({"exclude": ["a", 1]}, TypeError)])
+def test_convert_bad_arguments(bad, exc):
+    with pytest.raises(exc):
+        rmsnorm.convert(nn.Sequential(nn.LayerNorm(4)), **bad)
+    with pytest.raises(TypeError, match="model"):
+        rmsnorm.convert(None)
