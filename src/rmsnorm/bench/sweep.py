@@ -43,7 +43,8 @@ def allocator() -> str:
     return "glibc malloc"
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -67,7 +68,7 @@ def metadata(cfg: SweepConfig, command: str) -> dict:
         "command": command,
         "timestamp": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "device": cfg.device,
-        "machine": _cpu_model() if cfg.device == "cpu" else torch.cuda.get_device_name(),
+        "machine": cpu_model() if cfg.device == "cpu" else torch.cuda.get_device_name(),
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "allocator": allocator(),

@@ -32,24 +32,10 @@ def _sync(device: str) -> None:
 
 
 def measure(fn: Callable[[], object], device: str = "cpu", *, samples: int = 15, min_samples: int = 5,
-            budget_s: float = 1.0, min_sample_s: float = 2e-3, warmup_s: float = 0.05) -> Timing:
+            budget_s: float = 1.0, min_sample_s: float = 1e-2, warmup_s: float = 0.05) -> Timing:
     """Per-call time of ``fn``: warm-up, then up to ``samples`` samples within about ``budget_s``."""
-    _sync(device)
-    t0 = time.perf_counter()
-    calls = 0
-    while calls < 2 or time.perf_counter() - t0 < warmup_s:
-        fn()
-        _sync(device)
-        calls += 1
-    per_call = (time.perf_counter() - t0) / calls
-    batch = max(1, int(min_sample_s / max(per_call, 1e-9)))
-    times: list[float] = []
-    start = time.perf_counter()
-    while len(times) < samples and (len(times) < min_samples or time.perf_counter() - start < budget_s):
-        times.append(_sample(fn, batch, device))
-    times.sort()
-    q = statistics.quantiles(times, n=10, method="inclusive") if len(times) > 1 else [times[0]] * 9
-    return Timing(statistics.median(times), q[0], q[-1], len(times), batch)
+    return measure_group({"fn": fn}, device, samples=samples, min_samples=min_samples, budget_s=budget_s,
+                         min_sample_s=min_sample_s, warmup_s=warmup_s)["fn"]
 
 
 def measure_group(fns: dict[str, Callable[[], object]], device: str = "cpu", *, samples: int = 10,

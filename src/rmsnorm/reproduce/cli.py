@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 import shlex
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.sweep import cpu_model
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
 from .tasks import TASKS, check_tasks
@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     dd = Dist(args.device)
     meta = {"preset": preset.name, "command": "rmsnorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
             if sys.argv[1:2] == ["reproduce"] else "rmsnorm reproduce",
-            "machine": _cpu_name() if args.device == "cpu" else torch.cuda.get_device_name(),
+            "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "backend": args.backend or _auto_backend(args.device), "world_size": dd.world,
             "started": time.strftime("%Y-%m-%d %H:%M %Z")}
@@ -122,16 +122,6 @@ def _auto_backend(device: str) -> str:
     from rmsnorm.backends import registry
 
     return registry.select(None, torch.empty(1, 8, device=device), None, torch.float32).name
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({torch.get_num_threads()} threads)"
-    except OSError:
-        pass
-    return platform.machine()
 
 
 class _NoBar:
