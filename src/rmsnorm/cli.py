@@ -29,6 +29,10 @@ def _info(_: argparse.Namespace) -> int:
         print(f"  {b.name:<10} {state}")
         print(f"  {'':<10} devices {', '.join(b.devices)}; dtypes {', '.join(b.dtypes)}; {b.description}")
     print(f"cpu kernels: {build.status()}")
+    from rmsnorm.reproduce.data import status
+
+    for name, state in status().items():
+        print(f"reproduce data {name}: {state}")
     return 0
 
 
