@@ -55,6 +55,32 @@ def test_module_options_and_repr():
     assert y.shape == h.shape == (2, 64)
 
 
+def test_module_fast_path_follows_changes():
+    """The module caches its checked arguments per (dtypes, devices, options): changing any of them, or
+    calling with a bad shape, must act exactly as the functional API does."""
+    m = rmsnorm.RMSNorm(16, eps=1e-5, bias=True)
+    with torch.no_grad():
+        m.weight.copy_(rand(16))
+        m.bias.copy_(rand(16))
+    x = rand(3, 16)
+    f = lambda t, **kw: rmsnorm.rms_norm(t, m.weight, m.bias, **{"eps": m.eps, "p": m.p, "eps_mode": m.eps_mode,
+                                                                  "offset": m.offset, **kw})
+    assert torch.equal(m(x), f(x))
+    m.eps, m.p, m.eps_mode = 0.5, 0.25, "outside"
+    assert torch.equal(m(x), f(x))
+    assert torch.equal(m(x.double()), f(x.double()))
+    assert m(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="x of shape"):
+        m(rand(3, 15))
+    with pytest.raises(ValueError, match="x of shape"):
+        m(rand(16)[:0].reshape(0))
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        m(torch.ones(3, 16, dtype=torch.int64))
+    xg = x.clone().requires_grad_(True)
+    m(xg).sum().backward()
+    assert xg.grad is not None and m.weight.grad is not None and m.bias.grad is not None
+
+
 def test_from_layernorm():
     ln = torch.nn.LayerNorm(32, eps=1e-5)
     with torch.no_grad():

@@ -46,6 +46,18 @@ def rms_norm(
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
+    nd, prm, out_dtype = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding,
+                                 offset, cast, out_dtype)
+    be = registry.select(backend, x, residual, out_dtype)
+    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, be)
+    return (y, h) if residual is not None else y
+
+
+def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+            normalized_shape: int | Sequence[int] | None, eps: float | None, eps_mode: str, p: float,
+            partial_rounding: str, offset: float, cast: str,
+            out_dtype: torch.dtype | None) -> tuple[int, Params, torch.dtype]:
+    """Check every argument of ``rms_norm``; return (normalized dims, kernel parameters, output dtype)."""
     _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
     ns = _args.normalized_tuple(normalized_shape) if normalized_shape is not None else None
     nd, n = _args.check_tensors(x, weight, bias, residual, ns, out_dtype, offset)
@@ -56,6 +68,4 @@ def rms_norm(
         out_dtype = _args.default_out_dtype(h_dtype, weight, cast)
     prm = Params(_args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
                  cast == "llama")
-    be = registry.select(backend, x, residual, out_dtype)
-    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, be)
-    return (y, h) if residual is not None else y
+    return nd, prm, out_dtype

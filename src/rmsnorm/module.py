@@ -8,7 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from . import args as _args
-from .functional import rms_norm
+from .backends import registry
+from .functional import resolve, rms_norm
+from .ops import run
 
 
 class RMSNorm(nn.Module):
@@ -78,6 +80,23 @@ class RMSNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if residual is None and type(x) is Tensor and not torch.compiler.is_compiling():
+            # Fast path for small, frequent calls (an RNN step): the checked arguments are cached per
+            # (dtypes, devices, options); only x's trailing shape is checked again.
+            w, b = self.weight, self.bias
+            key = (x.dtype, x.device, None if w is None else (w.dtype, w.device, w.shape),
+                   None if b is None else (b.dtype, b.device, b.shape), self.eps, self.p, self.eps_mode,
+                   self.partial_rounding, self.offset, self.cast, self.out_dtype, self.normalized_shape)
+            cache = self.__dict__.setdefault("_resolved", {})
+            hit = cache.get(key)
+            if hit is None:
+                if len(cache) > 32:
+                    cache.clear()
+                hit = cache[key] = resolve(x, w, b, None, self.normalized_shape, self.eps, self.eps_mode, self.p,
+                                           self.partial_rounding, self.offset, self.cast, self.out_dtype)
+            nd, prm, out_dtype = hit
+            if x.dim() >= nd and x.shape[x.dim() - nd:] == self.normalized_shape:
+                return run(x, w, b, None, nd, prm, out_dtype, registry.select(None, x, None, out_dtype))[0]
         return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
                         partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
                         cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape)
