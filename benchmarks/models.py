@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 import rmsnorm
+from rmsnorm.bench.alloc import allocator
 from rmsnorm.bench.sweep import cpu_model
 
 
@@ -90,7 +91,7 @@ def main() -> None:
     lines = [f"Command: `python benchmarks/models.py --rounds {args.rounds} --steps {args.steps} --batch {args.batch} "
              f"--seq {args.seq}`", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {cpu_model()}, {torch.get_num_threads()} threads, "
-             f"torch {torch.__version__}, transformers {transformers.__version__}, allocator glibc malloc. Forward + "
+             f"torch {torch.__version__}, transformers {transformers.__version__}, allocator {allocator()}. Forward + "
              f"backward (loss = LM cross-entropy) of a batch of {args.batch} x {args.seq} tokens, random weights; "
              "median seconds per step over rounds in which the two models alternate.", "",
              "| model | before | after | before s/step | after s/step | change | check |",

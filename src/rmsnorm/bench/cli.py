@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import ctypes.util
-import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from .alloc import allocator, find_tcmalloc, reexec_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
-from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, allocator, parse_shapes, run_sweep
-
-TCMALLOC_CANDIDATES = ["/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
-                       "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
-                       "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4"]
+from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
 
 
 def add_parser(sub) -> None:
@@ -38,22 +33,16 @@ def add_parser(sub) -> None:
     p.set_defaults(fn=main)
 
 
-def _reexec_with_tcmalloc() -> None:
-    lib = next((c for c in TCMALLOC_CANDIDATES if Path(c).exists()), None) or ctypes.util.find_library(
-        "tcmalloc_minimal")
-    if lib is None:
-        raise SystemExit("rmsnorm bench: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
-    env = {**os.environ, "LD_PRELOAD": lib}
-    os.execve(sys.executable, [sys.executable, "-m", "rmsnorm", *sys.argv[1:]], env)
-
-
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from . import report
 
     if args.allocator == "tcmalloc" and "tcmalloc" not in allocator():
-        _reexec_with_tcmalloc()
+        lib = find_tcmalloc()
+        if lib is None:
+            raise SystemExit("rmsnorm bench: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
+        reexec_under_tcmalloc(lib)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

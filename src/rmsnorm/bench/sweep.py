@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .alloc import allocator
 from .providers import Case, Provider, registry
 from .timing import measure_group
 
@@ -29,18 +30,6 @@ class SweepConfig:
     device: str = "cpu"
     samples: int = 10
     budget_s: float = 0.5
-
-
-def allocator() -> str:
-    """The malloc in this process: tcmalloc / jemalloc when preloaded, else glibc."""
-    try:
-        maps = Path("/proc/self/maps").read_text()
-    except OSError:
-        return "unknown"
-    for name in ("tcmalloc", "jemalloc", "mimalloc"):
-        if name in maps:
-            return name
-    return "glibc malloc"
 
 
 def cpu_model() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 import time
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from ..bench.alloc import allocator, find_tcmalloc, reexec_under_tcmalloc
 from ..bench.sweep import cpu_model
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
@@ -31,7 +33,23 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=Path, default=None, help="output directory (default runs/reproduce-<preset>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--allocator", choices=["auto", "current", "tcmalloc"], default="auto",
+                   help="auto (default): re-run under tcmalloc when it is installed and this is not a torchrun "
+                        "job, so no variant's timing pays glibc's page faults; the report says which was used")
     p.set_defaults(fn=main)
+
+
+def _maybe_tcmalloc(choice: str) -> None:
+    """Re-run this command under tcmalloc (only from the console script, where argv is the command)."""
+    if choice == "current" or "tcmalloc" in allocator() or sys.argv[1:2] != ["reproduce"]:
+        return
+    lib = find_tcmalloc()
+    if choice == "auto" and (lib is None or "WORLD_SIZE" in os.environ):
+        return
+    if lib is None:
+        raise SystemExit("rmsnorm reproduce: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
+    print(f"rmsnorm reproduce: re-running under tcmalloc ({lib})", flush=True)
+    reexec_under_tcmalloc(lib)
 
 
 def _split(text: str) -> list[str]:
@@ -59,6 +77,7 @@ def main(args: argparse.Namespace) -> int:
         done = sum((out / "runs" / t / v / f"seed{s}" / "result.json").exists() for t, v, s in runs)
         print(f"  {len(runs)} training runs, {done} already finished (they are not trained again)")
         return 0
+    _maybe_tcmalloc(getattr(args, "allocator", "current"))
     from . import report
     from .data import DataMissing
     from .runner import Dist, atomic_json, time_variants, train_run
@@ -69,7 +88,7 @@ def main(args: argparse.Namespace) -> int:
             if sys.argv[1:2] == ["reproduce"] else "rmsnorm reproduce",
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "backend": args.backend or _auto_backend(args.device), "world_size": dd.world,
+            "backend": args.backend or _auto_backend(args.device), "world_size": dd.world, "allocator": allocator(),
             "started": time.strftime("%Y-%m-%d %H:%M %Z")}
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,9 @@ from .paper import PAPER
 from .runner import atomic_json
 from .tasks import TASK_TITLES
 
+METRICS = ("BLEU", "test error %", "R@1")  # each task's headline quality
+MORE_METRICS = ("R@5", "R@10", "Es→En R@1", "Es→En R@5", "Es→En R@10", "median rank")
+
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     if not xs:
@@ -34,9 +37,10 @@ def collect(out: Path) -> dict:
         ln = variants.get("layernorm", {}).get("timing")
         for d in variants.values():
             runs = d["runs"]
-            metric = next((k for k in ("BLEU", "test error %") if runs and k in runs[0]), None)
+            metric = next((k for k in METRICS if runs and k in runs[0]), None)
             d["metric"] = metric
             d["quality"] = _mean_std([r[metric] for r in runs]) if metric else (float("nan"), float("nan"))
+            d["more"] = {k: _mean_std([r[k] for r in runs]) for k in MORE_METRICS if runs and k in runs[0]}
             d["seeds"] = len(runs)
             d["time_1k"] = _mean_std(d.get("timing", []))
             d["train_time_1k"] = _mean_std([r["seconds_per_1k_steps"] for r in runs])
@@ -76,7 +80,8 @@ def markdown(out: Path, table: dict, meta: dict) -> str:
              f"Command: `{meta.get('command', 'rmsnorm reproduce')}`", "",
              f"Machine: {meta.get('machine', '?')}; {meta.get('threads', '?')} threads; torch "
              f"{meta.get('torch', '?')}; rmsnorm backend for our variants: {meta.get('backend', '?')}; "
-             f"world size {meta.get('world_size', 1)}; started {meta.get('started', '?')}.", "",
+             f"world size {meta.get('world_size', 1)}; allocator {meta.get('allocator', '?')}; started "
+             f"{meta.get('started', '?')}.", "",
              "Quality: mean ± std over seeds. Time: seconds per 1k training steps (forward, backward, optimizer; "
              "no evaluation, no data loading), mean ± std over rounds of an interleaved timing phase in which "
              "the variants take turns on the same batches after warm-up. % saved is relative to LayerNorm.", ""]
@@ -95,6 +100,12 @@ def markdown(out: Path, table: dict, meta: dict) -> str:
             lines.append(f"| {v} | {_fmt(*d['quality'], 2)} | {_fmt(*d['time_1k'])} | {saved} | {d['seeds']} | "
                          f"{pr[0] if pr else '–'} | {pr[1] if pr else '–'} | "
                          f"{(str(pr[2]) + '%') if pr and pr[2] is not None else '–'} |")
+        more = [k for k in MORE_METRICS if any(k in d.get("more", {}) for d in variants.values())]
+        if more:
+            lines += ["", "| variant | " + " | ".join(f"ours: {k}" for k in more) + " |",
+                      "|---|" + "---|" * len(more)]
+            lines += [f"| {v} | " + " | ".join(_fmt(*variants[v]["more"][k], 2) for k in more) + " |"
+                      for v in VARIANTS if v in variants and variants[v].get("more")]
         trivial_path = out / "trivial" / f"{task}.json"
         trivial = json.loads(trivial_path.read_text()) if trivial_path.exists() else None
         if trivial:

@@ -1,0 +1,42 @@
+"""Which malloc a process uses, and re-running a command under tcmalloc.
+
+glibc's malloc returns large freed blocks to the kernel and page-faults them back on the next
+allocation; on the 2-core development machine an allocating 256 MB copy runs at about a quarter of its
+tcmalloc speed, and whole training steps of small models spend a third of their time in page faults.
+Timings are only comparable under one allocator, and every table says which.
+"""
+
+from __future__ import annotations
+
+import ctypes.util
+import os
+import sys
+from pathlib import Path
+
+TCMALLOC_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
+                       "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
+                       "/usr/lib/aarch64-linux-gnu/libtcmalloc_minimal.so.4")
+
+
+def allocator() -> str:
+    """The malloc in this process: tcmalloc / jemalloc / mimalloc when preloaded, else glibc."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc", "mimalloc"):
+        if name in maps:
+            return name
+    return "glibc malloc"
+
+
+def find_tcmalloc() -> str | None:
+    """Path of a tcmalloc shared library on this machine (Debian: libtcmalloc-minimal4), else None."""
+    return next((c for c in TCMALLOC_CANDIDATES if Path(c).exists()), None) or ctypes.util.find_library(
+        "tcmalloc_minimal")
+
+
+def reexec_under_tcmalloc(lib: str) -> None:
+    """Replace this ``rmsnorm <command> ...`` process by the same command with tcmalloc preloaded."""
+    env = {**os.environ, "LD_PRELOAD": lib}
+    os.execve(sys.executable, [sys.executable, "-m", "rmsnorm", *sys.argv[1:]], env)
