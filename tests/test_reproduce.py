@@ -58,7 +58,7 @@ def test_every_task_and_variant_runs(smoke_run):
         for v in VARIANTS:
             r = json.loads((smoke_run / "runs" / t / v / "seed0" / "result.json").read_text())
             assert r["steps"] == 6 and r["curve"] and r["train_seconds"] > 0
-            metric = "test error %" if t == "image" else "BLEU"
+            metric = {"image": "test error %", "retrieval": "R@1"}.get(t, "BLEU")
             assert 0.0 <= r[metric] <= 100.0
             assert not (smoke_run / "runs" / t / v / "seed0" / "checkpoint.pt").exists()
         timing = json.loads((smoke_run / "timing" / f"{t}.json").read_text())
@@ -67,7 +67,8 @@ def test_every_task_and_variant_runs(smoke_run):
 
 def test_report_and_outputs(smoke_run):
     report = (smoke_run / "report.md").read_text()
-    for needle in ("paper: BLEU", "prmsnorm", "torch-rmsnorm", "% saved", "copy-source BLEU", "figures/image.png"):
+    for needle in ("paper: BLEU", "prmsnorm", "torch-rmsnorm", "% saved", "copy-source BLEU", "figures/image.png",
+                   "paper: R@1", "ours: R@10", "chance R@1"):
         assert needle in report
     rows = json.loads((smoke_run / "results.json").read_text())["rows"]
     assert len(rows) == len(TASKS) * len(VARIANTS)
@@ -166,3 +167,27 @@ def test_ddp_two_gloo_processes(tmp_path):
         r = json.loads((tmp_path / "runs" / t / "rmsnorm" / "seed0" / "result.json").read_text())
         assert r["world_size"] == 2 and r["steps"] == 6
     assert (tmp_path / "report.md").exists()
+
+
+def test_retrieval_scores_and_loss(tmp_path):
+    """Recall@k counts the rank of each verse's own translation; the hinge loss is zero once every pair
+    beats every in-batch negative by the margin."""
+    from rmsnorm.reproduce.presets import PRESETS
+    from rmsnorm.reproduce.tasks import make_task
+
+    task = make_task("retrieval", PRESETS["smoke"].tasks["retrieval"], "sample", tmp_path)
+    n = len(task.test_tgt)
+
+    class Oracle(torch.nn.Module):  # verse i -> basis vector i on both sides
+        def embed(self, tok, side):
+            ids = torch.arange(self.start, self.start + len(tok))
+            self.start = (self.start + len(tok)) % n
+            return torch.nn.functional.one_hot(ids, n).float()
+
+    oracle = Oracle()
+    oracle.start = 0
+    r = task.evaluate(oracle)
+    assert r["R@1"] == r["Es→En R@1"] == 100.0 and r["median rank"] == 1 and r["examples"] == n
+    e = torch.eye(4)
+    assert task.loss(lambda a, b: (e, e), (None, None)).item() == 0.0
+    assert task.loss(lambda a, b: (e, e.flip(0)), (None, None)).item() > 0.0

@@ -1,9 +1,11 @@
-"""The three models of the reproduction, each with its normalization variant.
+"""The models of the reproduction, each with its normalization variant.
 
 - ``GRUSeq2Seq``: RNNSearch-style GRU encoder-decoder with additive attention (Bahdanau et al.); as in the
   authors' Theano/Nematus code, the norm is applied to the concatenated gate pre-activations W x and U h.
 - ``TransformerMT``: post-norm Transformer encoder-decoder (the paper's base model, scaled down).
 - ``ConvPoolCNNC``: ConvPool-CNN-C (Springenberg et al.), narrower, with a norm after every convolution.
+- ``GRURetrieval``: two GRU sentence encoders into one embedding space (the text side of the paper's
+  order-embedding caption retrieval), for English-Spanish verse retrieval.
 """
 
 from __future__ import annotations
@@ -43,6 +45,19 @@ class NormGRUCell(nn.Module):
         return (1 - z) * c + z * h
 
 
+def run_gru(cell: NormGRUCell, x: torch.Tensor, mask: torch.Tensor, reverse: bool = False):
+    """Run ``cell`` over x (B, S, in) where mask (B, S) is True; padded steps keep the state.
+    Returns the states (B, S, H) and the final state (B, H)."""
+    gates = cell.input_gates(x)
+    b, s = mask.shape
+    h = x.new_zeros(b, cell.hidden)
+    states = [None] * s
+    for t in (reversed(range(s)) if reverse else range(s)):
+        h = torch.where(mask[:, t, None], cell.step(gates[:, t], h), h)
+        states[t] = h
+    return torch.stack(states, 1), h
+
+
 class GRUSeq2Seq(nn.Module):
     def __init__(self, vocab: int, emb: int, hidden: int, variant: str, backend: str | None = None) -> None:
         super().__init__()
@@ -62,19 +77,9 @@ class GRUSeq2Seq(nn.Module):
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mask = src != PAD  # (B, S)
         e = self.src_emb(src)
-        gf, gb = self.enc_f.input_gates(e), self.enc_b.input_gates(e)
-        b, s = src.shape
-        h = e.new_zeros(b, self.hidden)
-        fw = []
-        for t in range(s):
-            h = torch.where(mask[:, t, None], self.enc_f.step(gf[:, t], h), h)
-            fw.append(h)
-        h = e.new_zeros(b, self.hidden)
-        bw = [None] * s
-        for t in reversed(range(s)):
-            h = torch.where(mask[:, t, None], self.enc_b.step(gb[:, t], h), h)
-            bw[t] = h
-        ctx = torch.cat([torch.stack(fw, 1), torch.stack(bw, 1)], dim=-1)  # (B, S, 2H)
+        fw, _ = run_gru(self.enc_f, e, mask)
+        bw, _ = run_gru(self.enc_b, e, mask, reverse=True)
+        ctx = torch.cat([fw, bw], dim=-1)  # (B, S, 2H)
         mean = (ctx * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
         return ctx, mask, torch.tanh(self.init(mean))
 
@@ -208,3 +213,22 @@ class ConvPoolCNNC(nn.Module):
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(self.net(x), 1).flatten(1)
+
+
+class GRURetrieval(nn.Module):
+    """One GRU encoder per language (the norm on the gate pre-activations, as in ``GRUSeq2Seq``); a
+    sentence is the final GRU state, projected to ``dim`` and L2-normalized, so a pair scores its cosine
+    (the order-embedding paper's text encoder, with a cosine score: translation is symmetric)."""
+
+    def __init__(self, vocab: int, emb: int, hidden: int, dim: int, variant: str, backend: str | None = None):
+        super().__init__()
+        self.emb = nn.ModuleList(nn.Embedding(vocab, emb, padding_idx=PAD) for _ in range(2))
+        self.gru = nn.ModuleList(NormGRUCell(emb, hidden, variant, backend) for _ in range(2))
+        self.proj = nn.ModuleList(nn.Linear(hidden, dim) for _ in range(2))
+
+    def embed(self, tok: torch.Tensor, side: int) -> torch.Tensor:
+        _, h = run_gru(self.gru[side], self.emb[side](tok), tok != PAD)
+        return F.normalize(self.proj[side](h), dim=-1)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.embed(a, 0), self.embed(b, 1)

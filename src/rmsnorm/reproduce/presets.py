@@ -50,6 +50,8 @@ PRESETS = {
                                    max_len=16, warmup=2, eval_examples=8, log_every=2, ckpt_every=3),
         "image": TaskSize(steps=6, batch=16, lr=2e-3, hidden=8, ffn=8, eval_examples=50, log_every=2,
                           ckpt_every=3),
+        "retrieval": TaskSize(steps=6, batch=8, lr=2e-3, hidden=32, ffn=32, emb=16, vocab=300, max_len=16,
+                              eval_examples=8, log_every=2, ckpt_every=3),
     }, timing_rounds=2, timing_steps=1),
     "quick": Preset("quick", "full", 1, {
         "mt-gru": TaskSize(steps=100, batch=48, lr=2e-3, hidden=128, emb=96, vocab=4000, max_len=32,
@@ -58,6 +60,8 @@ PRESETS = {
                                    vocab=4000, max_len=32, warmup=40, dropout=0.0, eval_examples=200,
                                    ckpt_every=60),
         "image": TaskSize(steps=150, batch=64, lr=2e-3, hidden=16, ffn=32, eval_examples=2000, ckpt_every=50),
+        "retrieval": TaskSize(steps=150, batch=64, lr=2e-3, hidden=128, ffn=128, emb=96, vocab=4000, max_len=32,
+                              eval_examples=1000, ckpt_every=50),
     }, timing_rounds=3, timing_steps=5),
     "full": Preset("full", "full", 3, {
         "mt-gru": TaskSize(steps=400, batch=48, lr=2e-3, hidden=160, emb=96, vocab=4000, max_len=36,
@@ -67,6 +71,8 @@ PRESETS = {
                                    ckpt_every=50),
         "image": TaskSize(steps=1000, batch=64, lr=2e-3, hidden=16, ffn=32, eval_examples=10000,
                           ckpt_every=100),
+        "retrieval": TaskSize(steps=400, batch=64, lr=2e-3, hidden=160, ffn=128, emb=96, vocab=4000, max_len=32,
+                              eval_examples=1000, ckpt_every=50),
     }, timing_rounds=5, timing_steps=10),
     "paper": Preset("paper", "full", 3, {
         "mt-gru": TaskSize(steps=20000, batch=80, lr=1e-3, hidden=512, emb=256, vocab=16000, max_len=64,
@@ -75,6 +81,8 @@ PRESETS = {
                                    vocab=16000, max_len=64, warmup=4000, ckpt_every=1000, log_every=50),
         "image": TaskSize(steps=20000, batch=128, lr=1e-3, hidden=96, ffn=192, eval_examples=10000,
                           ckpt_every=1000, log_every=50),
+        "retrieval": TaskSize(steps=20000, batch=128, lr=1e-3, hidden=1024, ffn=1024, emb=300, vocab=16000,
+                              max_len=64, eval_examples=1000, ckpt_every=1000, log_every=50),
     }, timing_rounds=5, timing_steps=50),
 }
 

@@ -10,14 +10,15 @@ import torch
 import torch.nn.functional as F
 
 from . import data as D
-from .models import BOS, EOS, PAD, ConvPoolCNNC, GRUSeq2Seq, TransformerMT
+from .models import BOS, EOS, PAD, ConvPoolCNNC, GRURetrieval, GRUSeq2Seq, TransformerMT
 from .presets import TaskSize
 
-TASKS = ("mt-gru", "mt-transformer", "image")
+TASKS = ("mt-gru", "mt-transformer", "image", "retrieval")
 TASK_TITLES = {
     "mt-gru": "MT En→Es, GRU encoder-decoder with attention (RNNSearch)",
     "mt-transformer": "MT En→Es, post-norm Transformer",
     "image": "Fashion-MNIST, ConvPool-CNN-C",
+    "retrieval": "Verse retrieval En→Es, GRU sentence encoders (order-embedding style)",
 }
 
 
@@ -135,6 +136,57 @@ class Translation:
                                                                 [self.data.test_ref]).score, 2)}
 
 
+# -------------------------------------------------------------------------------------------- retrieval
+
+class Retrieval(Translation):
+    """Find a verse's translation among the held-out verses: the paper's caption retrieval (order
+    embeddings, GRU text encoder) with the Spanish verse in place of the image. Trained with the hinge
+    loss over in-batch negatives of order embeddings / VSE (margin 0.2, both directions)."""
+
+    metric, higher_is_better = "R@1", True
+    margin = 0.2
+
+    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+        super().__init__(name, size, which, work)
+        self.test_tgt = [e.ids[: size.max_len] for e in self.data.tok.encode_batch(self.data.test_ref)]
+
+    def build(self, variant: str, backend: str | None):
+        s = self.size
+        return GRURetrieval(self.data.vocab, s.emb, s.hidden, s.ffn, variant, backend)
+
+    def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
+        idx = _slice(len(self.data.train_src), self.size.batch, seed, step, rank, world)
+        return (self._pad([self.data.train_src[i] for i in idx], eos=True),
+                self._pad([self.data.train_tgt[i] for i in idx], eos=True))
+
+    def loss(self, model, batch) -> torch.Tensor:
+        a, b = model(*batch)
+        scores = a @ b.T
+        pos = scores.diagonal()
+        off = ~torch.eye(len(pos), dtype=torch.bool, device=scores.device)
+        cost_b = (self.margin - pos[:, None] + scores).clamp_min(0) * off  # a's wrong translations
+        cost_a = (self.margin - pos[None, :] + scores).clamp_min(0) * off  # b's wrong translations
+        return (cost_a.sum() + cost_b.sum()) / len(pos)
+
+    def evaluate(self, model) -> dict:
+        model.eval()
+        with torch.no_grad():
+            emb = [torch.cat([model.embed(self._pad(seqs[i:i + 250], eos=True), side)
+                              for i in range(0, len(seqs), 250)])
+                   for side, seqs in ((0, self.data.test_src), (1, self.test_tgt))]
+        model.train()
+        scores = emb[0] @ emb[1].T
+        out = {}
+        for name, s in (("Es→En ", scores.T), ("", scores)):
+            rank = (s > s.diagonal()[:, None]).sum(1)  # 0 = the translation scores highest
+            for k in (1, 5, 10):
+                out[f"{name}R@{k}"] = round(100.0 * (rank < k).float().mean().item(), 2)
+        return {**out, "median rank": int(rank.median().item()) + 1, "examples": len(rank)}  # En→Es
+
+    def trivial_baseline(self) -> dict:
+        return {"chance R@1": round(100.0 / len(self.test_tgt), 2)}
+
+
 # ----------------------------------------------------------------------------------------------- images
 
 class Images:
@@ -177,4 +229,5 @@ class Images:
 
 
 def make_task(name: str, size: TaskSize, which: str, work: Path):
-    return Images(name, size, which, work) if name == "image" else Translation(name, size, which, work)
+    cls = {"image": Images, "retrieval": Retrieval}.get(name, Translation)
+    return cls(name, size, which, work)
