@@ -191,3 +191,32 @@ def test_retrieval_scores_and_loss(tmp_path):
     e = torch.eye(4)
     assert task.loss(lambda a, b: (e, e), (None, None)).item() == 0.0
     assert task.loss(lambda a, b: (e, e.flip(0)), (None, None)).item() > 0.0
+
+
+def test_allocator_choice(monkeypatch):
+    """--allocator auto re-runs the console command under tcmalloc when it is installed, never under
+    torchrun or when called as a function; tcmalloc without the library is a clear error."""
+    from rmsnorm.reproduce import cli
+
+    calls = []
+    monkeypatch.setattr(cli, "reexec_under_tcmalloc", calls.append)
+    monkeypatch.setattr(cli, "allocator", lambda: "glibc malloc")
+    monkeypatch.setattr(cli, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setattr(sys, "argv", ["pytest"])
+    cli._maybe_tcmalloc("auto")
+    assert calls == []  # not the console script: argv is not ours to re-run
+    monkeypatch.setattr(sys, "argv", ["rmsnorm", "reproduce", "--preset", "smoke"])
+    cli._maybe_tcmalloc("current")
+    assert calls == []
+    cli._maybe_tcmalloc("auto")
+    assert calls == ["/lib/libtcmalloc_minimal.so.4"]
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cli._maybe_tcmalloc("auto")
+    assert len(calls) == 1  # torchrun: every rank keeps its allocator
+    monkeypatch.setattr(cli, "find_tcmalloc", lambda: None)
+    monkeypatch.delenv("WORLD_SIZE")
+    cli._maybe_tcmalloc("auto")
+    assert len(calls) == 1
+    with pytest.raises(SystemExit, match="libtcmalloc-minimal4"):
+        cli._maybe_tcmalloc("tcmalloc")
