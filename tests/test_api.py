@@ -209,5 +209,5 @@ def test_empty_batch():
 def test_cli_info():
     out = subprocess.run([sys.executable, "-m", "rmsnorm", "info"], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    for s in ["rmsnorm", "torch", "threads", "reference", "cpu", "triton"]:
+    for s in ["rmsnorm", "torch", "threads", "allocator", "reference", "cpu", "triton"]:
         assert s in out.stdout
