@@ -160,10 +160,10 @@ def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
            f"--master_port={env['MASTER_PORT']}", "-m", "rmsnorm", "reproduce", "--preset", "smoke", "--tasks",
-           "image,mt-transformer", "--variants", "layernorm,rmsnorm", "--out", str(tmp_path), "--no-progress"]
+           "image,mt-transformer,retrieval", "--variants", "layernorm,rmsnorm", "--out", str(tmp_path), "--no-progress"]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
-    for t in ("image", "mt-transformer"):
+    for t in ("image", "mt-transformer", "retrieval"):
         r = json.loads((tmp_path / "runs" / t / "rmsnorm" / "seed0" / "result.json").read_text())
         assert r["world_size"] == 2 and r["steps"] == 6
     assert (tmp_path / "report.md").exists()
