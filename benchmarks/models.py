@@ -52,13 +52,17 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--layers", type=int, default=12, help="layers of both models (12: GPT-2 small)")
+    p.add_argument("--width", type=int, default=768, help="hidden size of both models (768: GPT-2 small)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args()
     torch.manual_seed(0)
     ids = torch.randint(0, 32000, (args.batch, args.seq))
     rows = []
 
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(bos_token_id=0, eos_token_id=0)).train()
+    heads = max(1, args.width // 64)
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        bos_token_id=0, eos_token_id=0, n_layer=args.layers, n_embd=args.width, n_head=heads)).train()
     conv = copy.deepcopy(gpt2)
     report = rmsnorm.convert(conv, exact=True)
     gids = ids % gpt2.config.vocab_size
@@ -72,11 +76,14 @@ def main() -> None:
             if isinstance(mod, torch.nn.Dropout):
                 mod.p = 0.0
     t0, t1 = _time_pair(gpt2, conv, gids, args.rounds, args.steps)
-    rows.append(("GPT-2 small (124M), fp32", "LayerNorm (torch)", "exact Pre-RMSNorm (rmsnorm)", t0, t1,
+    mparams = lambda m: f"{sum(p.numel() for p in m.parameters()) / 1e6:.0f}M"
+    rows.append((f"GPT-2 {args.layers}x{args.width} ({mparams(gpt2)}), fp32", "LayerNorm (torch)",
+                 "exact Pre-RMSNorm (rmsnorm)", t0, t1,
                  f"max relative logit difference {err:.1e}; {len(report.changed)} modules changed"))
 
-    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=512)
+    cfg = transformers.LlamaConfig(vocab_size=32000, hidden_size=args.width, intermediate_size=args.width * 8 // 3,
+                                   num_hidden_layers=args.layers, num_attention_heads=heads, num_key_value_heads=heads,
+                                   max_position_embeddings=512)
     for dtype in (torch.float32, torch.bfloat16):
         llama = transformers.LlamaForCausalLM(cfg).to(dtype)
         acc = copy.deepcopy(llama)
@@ -85,11 +92,12 @@ def main() -> None:
             a, b = llama(ids).logits.float(), acc(ids).logits.float()
             err = ((a - b).abs().max() / a.abs().max()).item()
         t0, t1 = _time_pair(llama, acc, ids, args.rounds, args.steps)
-        rows.append((f"Llama-style (~110M), {str(dtype)[6:]}", "LlamaRMSNorm (HF)", "rmsnorm.accelerate", t0, t1,
+        rows.append((f"Llama-style {args.layers}x{args.width} ({mparams(llama)}), {str(dtype)[6:]}",
+                     "LlamaRMSNorm (HF)", "rmsnorm.accelerate", t0, t1,
                      f"max relative logit difference {err:.1e}; {len(rep.changed)} norms replaced"))
 
     lines = [f"Command: `python benchmarks/models.py --rounds {args.rounds} --steps {args.steps} --batch {args.batch} "
-             f"--seq {args.seq}`", "",
+             f"--seq {args.seq} --layers {args.layers} --width {args.width}`", "",
              f"Measured {time.strftime('%Y-%m-%d %H:%M %Z')} on {cpu_model()}, {torch.get_num_threads()} threads, "
              f"torch {torch.__version__}, transformers {transformers.__version__}, allocator {allocator()}. Forward + "
              f"backward (loss = LM cross-entropy) of a batch of {args.batch} x {args.seq} tokens, random weights; "

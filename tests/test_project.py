@@ -1,7 +1,12 @@
-"""Project invariants: CI runs the README's test command verbatim; README keeps its two set-up commands."""
+"""Project invariants: CI runs the README's test command verbatim; README keeps its two set-up commands;
+the whole-model benchmark script runs."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -22,3 +27,15 @@ def test_readme_has_two_setup_commands_at_top():
 def test_ci_runs_the_readme_test_command():
     ci = (ROOT / ".ci" / "run").read_text()
     assert _readme_commands()[1] in ci.splitlines()
+
+
+def test_models_benchmark_runs_small(tmp_path):
+    """benchmarks/models.py end to end on tiny models: the exact conversion is checked, both tables rows come out."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "models.md"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "models.py"), "--rounds", "1", "--steps", "1", "--batch", "1",
+           "--seq", "8", "--layers", "1", "--width", "64", "--out", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    assert "exact Pre-RMSNorm" in text and text.count("rmsnorm.accelerate") == 2 and "allocator" in text

@@ -3,7 +3,8 @@
 - ``smoke``: the shipped data sample, tiny models, a few steps: seconds (tests, CI).
 - ``quick`` (default): every task and variant end to end on the full data, one seed, small models:
   under 10 minutes on a 2-core CPU.
-- ``full``: 3 seeds, larger models and more steps: under 2 hours on a 2-core CPU (see docs/reproduction).
+- ``full``: 3 seeds, larger models and more steps: about 2 hours on a 2-core CPU (1 h 44 min for the MT and
+  image tasks, 15 min for retrieval; see docs/reproduction).
 - ``paper``: closer to the paper's sizes, for a GPU (not run here).
 """
 
