@@ -1,8 +1,9 @@
 """Launch configurations of the Triton kernels, chosen from (M, N, itemsize, SM count).
 
-Every threshold below says where it comes from. "H100 run" means benchmarks/gpu_check.py on an
-NVIDIA H100 80GB HBM3 (see docs/benchmarks/gpu.md); "register budget" means arithmetic on the
-65536 32-bit registers of a Hopper SM (at most 255 per thread).
+Every threshold below says where it comes from. "H200 run" means benchmarks/gpu_check.py (and its
+exploration sweeps) on the NVIDIA H200 lent on 2026-11-27 (see docs/benchmarks/gpu.md; no H100 has been
+measured yet); "ptxas" means register and spill counts from benchmarks/triton_ptxas.py for a Hopper SM
+(65536 32-bit registers, at most 255 per thread).
 """
 
 from __future__ import annotations
