@@ -196,12 +196,13 @@ def test_retrieval_scores_and_loss(tmp_path):
 def test_allocator_choice(monkeypatch):
     """--allocator auto re-runs the console command under tcmalloc when it is installed, never under
     torchrun or when called as a function; tcmalloc without the library is a clear error."""
+    from rmsnorm.bench import alloc
     from rmsnorm.reproduce import cli
 
     calls = []
-    monkeypatch.setattr(cli, "reexec_under_tcmalloc", calls.append)
-    monkeypatch.setattr(cli, "allocator", lambda: "glibc malloc")
-    monkeypatch.setattr(cli, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(alloc, "reexec_under_tcmalloc", calls.append)
+    monkeypatch.setattr(alloc, "allocator", lambda: "glibc malloc")
+    monkeypatch.setattr(alloc, "find_tcmalloc", lambda: "/lib/libtcmalloc_minimal.so.4")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.setattr(sys, "argv", ["pytest"])
     cli._maybe_tcmalloc("auto")
@@ -214,7 +215,7 @@ def test_allocator_choice(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cli._maybe_tcmalloc("auto")
     assert len(calls) == 1  # torchrun: every rank keeps its allocator
-    monkeypatch.setattr(cli, "find_tcmalloc", lambda: None)
+    monkeypatch.setattr(alloc, "find_tcmalloc", lambda: None)
     monkeypatch.delenv("WORLD_SIZE")
     cli._maybe_tcmalloc("auto")
     assert len(calls) == 1

@@ -40,3 +40,18 @@ def reexec_under_tcmalloc(lib: str) -> None:
     """Replace this ``rmsnorm <command> ...`` process by the same command with tcmalloc preloaded."""
     env = {**os.environ, "LD_PRELOAD": lib}
     os.execve(sys.executable, [sys.executable, "-m", "rmsnorm", *sys.argv[1:]], env)
+
+
+def rerun_under_tcmalloc(command: str, *, required: bool) -> None:
+    """Re-run this ``rmsnorm <command>`` process under tcmalloc unless it already runs under it. Without
+    an installed tcmalloc: a clear exit when ``required``, else nothing (the current allocator stays)."""
+    if "tcmalloc" in allocator():
+        return
+    lib = find_tcmalloc()
+    if lib is None:
+        if required:
+            raise SystemExit(f"rmsnorm {command}: --allocator tcmalloc needs libtcmalloc "
+                             "(Debian: libtcmalloc-minimal4)")
+        return
+    print(f"rmsnorm {command}: re-running under tcmalloc ({lib})", flush=True)
+    reexec_under_tcmalloc(lib)

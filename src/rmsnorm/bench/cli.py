@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from .alloc import allocator, find_tcmalloc, reexec_under_tcmalloc
+from .alloc import allocator, rerun_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
 from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
 
@@ -38,11 +38,8 @@ def main(args: argparse.Namespace) -> int:
 
     from . import report
 
-    if args.allocator == "tcmalloc" and "tcmalloc" not in allocator():
-        lib = find_tcmalloc()
-        if lib is None:
-            raise SystemExit("rmsnorm bench: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
-        reexec_under_tcmalloc(lib)
+    if args.allocator == "tcmalloc":
+        rerun_under_tcmalloc("bench", required=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..bench.alloc import allocator, find_tcmalloc, reexec_under_tcmalloc
+from ..bench.alloc import allocator, rerun_under_tcmalloc
 from ..bench.sweep import cpu_model
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
@@ -41,15 +41,11 @@ def add_parser(sub) -> None:
 
 def _maybe_tcmalloc(choice: str) -> None:
     """Re-run this command under tcmalloc (only from the console script, where argv is the command)."""
-    if choice == "current" or "tcmalloc" in allocator() or sys.argv[1:2] != ["reproduce"]:
+    if choice == "current" or sys.argv[1:2] != ["reproduce"]:
         return
-    lib = find_tcmalloc()
-    if choice == "auto" and (lib is None or "WORLD_SIZE" in os.environ):
+    if choice == "auto" and "WORLD_SIZE" in os.environ:  # torchrun: every rank keeps its allocator
         return
-    if lib is None:
-        raise SystemExit("rmsnorm reproduce: --allocator tcmalloc needs libtcmalloc (Debian: libtcmalloc-minimal4)")
-    print(f"rmsnorm reproduce: re-running under tcmalloc ({lib})", flush=True)
-    reexec_under_tcmalloc(lib)
+    rerun_under_tcmalloc("reproduce", required=choice == "tcmalloc")
 
 
 def _split(text: str) -> list[str]:
