@@ -20,6 +20,11 @@ _done = threading.Event()
 _lock = threading.Lock()
 
 
+def _opt(t, placement):
+    """The placement of an optional tensor argument: None where the argument is None."""
+    return None if t is None else placement
+
+
 def register_dtensor_rules() -> bool:
     """Register the sharding rules once; False where torch.distributed.tensor is unavailable."""
     if _done.is_set():
@@ -42,24 +47,22 @@ def register_dtensor_rules() -> bool:
         @register_sharding(fwd)
         def _forward_rule(x, weight, bias, residual, normalized_ndim, *scalars):
             r = Replicate()
-            opt = lambda t, p: None if t is None else p
-            strategies = [([r, r, r], [r, opt(weight, r), opt(bias, r), opt(residual, r), *[None] * n_scalar_fwd])]
+            strategies = [([r, r, r], [r, _opt(weight, r), _opt(bias, r), _opt(residual, r), *[None] * n_scalar_fwd])]
             for d in range(x.ndim - normalized_ndim):
                 s = Shard(d)
                 strategies.append(([s, s if residual is not None else r, s],
-                                   [s, opt(weight, r), opt(bias, r), opt(residual, s), *[None] * n_scalar_fwd]))
+                                   [s, _opt(weight, r), _opt(bias, r), _opt(residual, s), *[None] * n_scalar_fwd]))
             return strategies
 
         @register_sharding(bwd)
         def _backward_rule(dy, dh, h, weight, bias, rstd, normalized_ndim, k, eps, eps_outside, offset, llama,
                            need_dw, need_db, backend):
             r = Replicate()
-            opt = lambda t, p: None if t is None else p
-            strategies = [([r, r, r], [r, opt(dh, r), r, opt(weight, r), opt(bias, r), r, *[None] * n_scalar_bwd])]
+            strategies = [([r, r, r], [r, _opt(dh, r), r, _opt(weight, r), _opt(bias, r), r, *[None] * n_scalar_bwd])]
             for d in range(h.ndim - normalized_ndim):
                 s = Shard(d)
                 strategies.append(([s, Partial() if need_dw else r, Partial() if need_db else r],
-                                   [s, opt(dh, s), s, opt(weight, r), opt(bias, r), s, *[None] * n_scalar_bwd]))
+                                   [s, _opt(dh, s), s, _opt(weight, r), _opt(bias, r), s, *[None] * n_scalar_bwd]))
             return strategies
 
         _done.set()

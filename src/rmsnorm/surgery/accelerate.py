@@ -153,7 +153,7 @@ def replacement(module: nn.Module, family: str) -> RMSNorm:
         else:
             raise ValueError(f"unknown family {family!r}")
     if new.weight is not None:
-        new.weight = weight if family != "torch" else module.weight
+        new.weight = weight
     new.train(module.training)
     return new
 

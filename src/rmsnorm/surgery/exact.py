@@ -96,14 +96,11 @@ def _fold_into_linear(ln: nn.LayerNorm, lin: nn.Linear) -> nn.Linear:
 
 
 def _plain_rmsnorm(ln: nn.LayerNorm, affine: bool) -> RMSNorm:
-    ref = ln.weight if ln.weight is not None else None
-    new = RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=affine and ln.weight is not None,
-                  bias=affine and ln.bias is not None, device=ref.device if ref is not None else None,
-                  dtype=ref.dtype if ref is not None else None)
-    if new.weight is not None:
-        new.weight.data.copy_(ln.weight.data)
-    if new.bias is not None:
-        new.bias.data.copy_(ln.bias.data)
+    """RMSNorm in ln's place: its gain and bias kept (``affine``), or none (they were folded elsewhere)."""
+    if affine:
+        new = RMSNorm.from_layernorm(ln, keep_bias=True)
+    else:
+        new = RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False)
     new.train(ln.training)
     return new
 
