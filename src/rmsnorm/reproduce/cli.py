@@ -53,6 +53,8 @@ def _split(text: str) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from .runner import finished, run_dir
+
     try:
         preset = with_overrides(get_preset(args.preset), args.seeds, args.steps)
         tasks = check_tasks(_split(args.tasks))
@@ -70,13 +72,14 @@ def main(args: argparse.Namespace) -> int:
             size = preset.tasks[t]
             print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch}), "
                   f"then {preset.timing_rounds} timing rounds x {preset.timing_steps} steps per variant")
-        done = sum((out / "runs" / t / v / f"seed{s}" / "result.json").exists() for t, v, s in runs)
+        done = sum(finished(out, t, v, s) for t, v, s in runs)
         print(f"  {len(runs)} training runs, {done} already finished (they are not trained again)")
         return 0
     _maybe_tcmalloc(getattr(args, "allocator", "current"))
     from . import report
+    from .atomic import atomic_json
     from .data import DataMissing
-    from .runner import Dist, atomic_json, time_variants, train_run
+    from .runner import Dist, time_variants, train_run
     from .tasks import make_task
 
     dd = Dist(args.device)
@@ -89,8 +92,7 @@ def main(args: argparse.Namespace) -> int:
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(out / "meta.json", {**meta, "preset_config": {t: vars(preset.tasks[t]) for t in tasks}})
-    total = sum(preset.tasks[t].steps for t, v, s in runs
-                if not (out / "runs" / t / v / f"seed{s}" / "result.json").exists())
+    total = sum(preset.tasks[t].steps for t, v, s in runs if not finished(out, t, v, s))
     bar = _bar(total, args.no_progress or not dd.main)
     t_start = time.time()
     try:
@@ -104,11 +106,10 @@ def main(args: argparse.Namespace) -> int:
                 atomic_json(out / "trivial" / f"{t}.json", task.trivial_baseline())
             for s in range(preset.seeds):
                 for v in variants:
-                    run_dir = out / "runs" / t / v / f"seed{s}"
-                    if (run_dir / "result.json").exists():
+                    if finished(out, t, v, s):
                         continue
                     bar.set_description(f"{t} {v} seed{s}")
-                    res = train_run(task, v, s, run_dir, args.device, args.backend, dd,
+                    res = train_run(task, v, s, run_dir(out, t, v, s), args.device, args.backend, dd,
                                     on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
                     if dd.main:
                         metric = res.get(task.metric)

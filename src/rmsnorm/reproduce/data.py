@@ -25,11 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import atomic_text
+
 APT = "sudo apt-get install sword-text-web sword-text-sparv diatheke dataset-fashion-mnist"
 SAMPLE_DIR = Path(__file__).with_name("data")
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 SWORD_MODULES = {"en": "engWEB2015eb", "es": "spaRV1909eb"}
 DEV_SIZE, TEST_SIZE = 1000, 1500
+FILES = {"bible": "bible.en-es.tsv", "fashion": "fashion-mnist.npz"}  # prepared, under data_dir()
+SAMPLES = {"bible": "bible-sample.en-es.tsv.gz", "fashion": "fashion-sample.npz"}  # shipped, in SAMPLE_DIR
 
 
 class DataMissing(RuntimeError):
@@ -88,8 +92,8 @@ def prepare_bible(out: Path) -> Path:
     ranked = sorted(keys, key=_split_of)
     split = {k: "test" for k in ranked[:TEST_SIZE]}
     split.update({k: "dev" for k in ranked[TEST_SIZE:TEST_SIZE + DEV_SIZE]})
-    path = out / "bible.en-es.tsv"
-    _atomic_write(path, "".join(f"{split.get(k, 'train')}\t{k[0]}\t{k[1]}\t{k[2]}\t{en[k]}\t{es[k]}\n"
+    path = out / FILES["bible"]
+    atomic_text(path, "".join(f"{split.get(k, 'train')}\t{k[0]}\t{k[1]}\t{k[2]}\t{en[k]}\t{es[k]}\n"
                                 for k in keys))
     return path
 
@@ -102,11 +106,7 @@ class Parallel:
 
 def load_bible(which: str = "full") -> dict[str, Parallel]:
     """{"train", "dev", "test"} English -> Spanish; ``which="sample"`` reads the shipped sample."""
-    path = SAMPLE_DIR / "bible-sample.en-es.tsv.gz" if which == "sample" else data_dir() / "bible.en-es.tsv"
-    if not path.exists():
-        if which == "sample":
-            raise DataMissing(f"the shipped sample {path} is missing (broken installation?)")
-        prepare(("bible",))
+    path = _path("bible", which)
     opener = gzip.open if path.suffix == ".gz" else open
     parts: dict[str, Parallel] = {s: Parallel([], []) for s in ("train", "dev", "test")}
     with opener(path, "rt", encoding="utf-8") as fh:
@@ -136,7 +136,7 @@ def prepare_fashion(out: Path) -> Path:
         "x_train": _read_idx(files["train-images-idx3"]), "y_train": _read_idx(files["train-labels-idx1"]),
         "x_test": _read_idx(files["t10k-images-idx3"]), "y_test": _read_idx(files["t10k-labels-idx1"]),
     }
-    path = out / "fashion-mnist.npz"
+    path = out / FILES["fashion"]
     with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as fh:
         np.savez_compressed(fh, **arrays)
     os.replace(fh.name, path)
@@ -144,42 +144,41 @@ def prepare_fashion(out: Path) -> Path:
 
 
 def load_fashion(which: str = "full") -> dict[str, np.ndarray]:
-    path = SAMPLE_DIR / "fashion-sample.npz" if which == "sample" else data_dir() / "fashion-mnist.npz"
-    if not path.exists():
-        if which == "sample":
-            raise DataMissing(f"the shipped sample {path} is missing (broken installation?)")
-        prepare(("fashion",))
-    with np.load(path) as z:
+    with np.load(_path("fashion", which)) as z:
         return {k: z[k] for k in z.files}
 
 
 # ------------------------------------------------------------------------------------------------ common
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+def _path(name: str, which: str) -> Path:
+    """The file of data set ``name``: the shipped sample (``which="sample"``), else the prepared copy,
+    prepared now if it is missing."""
+    if which == "sample":
+        path = SAMPLE_DIR / SAMPLES[name]
+        if not path.exists():
+            raise DataMissing(f"the shipped sample {path} is missing (broken installation?)")
+        return path
+    path = data_dir() / FILES[name]
+    return path if path.exists() else prepare((name,))[name]
 
 
 def prepare(which: tuple[str, ...] = ("bible", "fashion"), force: bool = False) -> dict[str, Path]:
     """Build the prepared data sets that are missing (or all with ``force``); returns their paths."""
     out = data_dir()
     out.mkdir(parents=True, exist_ok=True)
+    builders = {"bible": prepare_bible, "fashion": prepare_fashion}
     done = {}
-    if "bible" in which:
-        path = out / "bible.en-es.tsv"
-        done["bible"] = path if path.exists() and not force else prepare_bible(out)
-    if "fashion" in which:
-        path = out / "fashion-mnist.npz"
-        done["fashion"] = path if path.exists() and not force else prepare_fashion(out)
+    for name in FILES:
+        if name in which:
+            path = out / FILES[name]
+            done[name] = path if path.exists() and not force else builders[name](out)
     return done
 
 
 def status() -> dict[str, str]:
     """Where each data set is, or how to get it."""
     out = {}
-    for name, file in (("bible", "bible.en-es.tsv"), ("fashion", "fashion-mnist.npz")):
+    for name, file in FILES.items():
         path = data_dir() / file
         if path.exists():
             out[name] = f"prepared: {path}"

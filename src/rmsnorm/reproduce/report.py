@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import statistics
 from pathlib import Path
 
+from .atomic import atomic_json, atomic_text
 from .norms import VARIANTS
 from .paper import PAPER
-from .runner import atomic_json
 from .tasks import TASK_TITLES
 
 METRICS = ("BLEU", "test error %", "R@1")  # each task's headline quality
@@ -61,12 +62,11 @@ def write_tables(out: Path, table: dict) -> None:
                          "s_per_1k_steps_std": d["time_1k"][1], "saved_vs_layernorm_pct": d["saved_vs_ln"],
                          "train_wall_s_per_1k_mean": d["train_time_1k"][0]})
     atomic_json(out / "results.json", {"rows": rows})
-    tmp = out / "results.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["task"])
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "results.csv")
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["task"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_text(out / "results.csv", buf.getvalue())
 
 
 def _fmt(m: float, s: float, digits: int = 1) -> str:
@@ -163,7 +163,5 @@ def write_report(out: Path, meta: dict) -> Path:
         return out / "report.md"
     write_tables(out, table)
     figures(out, table)
-    tmp = out / "report.md.tmp"
-    tmp.write_text(markdown(out, table, meta))
-    os.replace(tmp, out / "report.md")
+    atomic_text(out / "report.md", markdown(out, table, meta))
     return out / "report.md"

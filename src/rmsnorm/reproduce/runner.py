@@ -20,21 +20,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .atomic import atomic_json, atomic_save
 from .presets import TaskSize
 
 
-def atomic_json(path: Path, obj: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+def run_dir(out: Path, task: str, variant: str, seed: int) -> Path:
+    """Where one training run keeps its checkpoint and its result (see the layout above)."""
+    return out / "runs" / task / variant / f"seed{seed}"
 
 
-def atomic_save(obj: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+def finished(out: Path, task: str, variant: str, seed: int) -> bool:
+    return (run_dir(out, task, variant, seed) / "result.json").exists()
 
 
 class Dist:

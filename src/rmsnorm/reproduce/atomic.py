@@ -1,0 +1,31 @@
+"""Writes that never leave a half-written file behind: write beside the target, then os.replace it.
+
+An interrupted run therefore finds every result, checkpoint, table and report either whole or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+
+def atomic_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="")
+    os.replace(tmp, path)
+
+
+def atomic_json(path: Path, obj: dict) -> None:
+    atomic_text(path, json.dumps(obj, indent=1, sort_keys=True))
+
+
+def atomic_save(obj: dict, path: Path) -> None:
+    """torch.save, atomically."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
