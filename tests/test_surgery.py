@@ -208,3 +208,14 @@ def test_convert_bad_arguments(bad, exc):
         rmsnorm.convert(nn.Sequential(nn.LayerNorm(4)), **bad)
     with pytest.raises(TypeError, match="model"):
         rmsnorm.convert(None)
+
+
+def test_surgery_cannot_replace_the_model_itself():
+    """A bare norm passed as the model cannot be swapped in place: a clear error, never a report of a
+    change that did not happen."""
+    ln, norm = nn.LayerNorm(8), nn.RMSNorm(8)
+    with pytest.raises(ValueError, match="pass the model that contains the norm"):
+        rmsnorm.convert(ln)
+    with pytest.raises(ValueError, match="pass the model that contains the norm"):
+        rmsnorm.accelerate(norm)
+    assert not list(ln.children()) and not list(norm.children())

@@ -181,8 +181,6 @@ def accelerate(model: nn.Module) -> SurgeryReport:
         except (ValueError, TypeError, AttributeError) as exc:
             report.skipped.append((name, f"{type(module).__name__}: {exc}"))
             continue
-        if name == "":
-            raise ValueError("accelerate(model) replaces submodules; pass the model that contains the norm")
         set_submodule(model, name, new)
         report.changed.append((name, f"{type(module).__name__} -> RMSNorm ({family} numerics)"))
     return report

@@ -24,6 +24,10 @@ class SurgeryReport:
 
 
 def set_submodule(root, name: str, module) -> None:
+    """Put ``module`` at ``name`` inside ``root``; the root itself cannot be replaced in place."""
+    if name == "":
+        raise ValueError(f"model surgery replaces submodules in place and cannot replace the model itself "
+                         f"({type(root).__name__}); pass the model that contains the norm")
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
