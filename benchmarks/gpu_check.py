@@ -2,21 +2,26 @@
 
     PYTHONPATH=src python benchmarks/gpu_check.py --out DIR [--budget 330]
 
+Run it after benchmarks/gpu_tune.py has written the tuned table, so it measures the configurations users get.
+
 1. Correctness: the triton backend against the reference backend on the GPU (forward and backward, bf16
-   and fp32, every path of the heuristics: row tiles, accumulators in registers or in partials, looped
-   forward, tiled backward), with the test suite's tolerance rule.
-2. Timings (rmsnorm bench's providers and round-robin timing, CUDA events): bf16 and fp32, M*N = 2^27,
-   N from 1K to 262K, fwd / bwd / fwd+bwd, for rmsnorm, torch F.rms_norm, F.layer_norm, Liger (when
-   importable), the device-to-device copy roofline; torch.compile(F.rms_norm) last, while time remains.
-3. Exploration: a few alternative launch configurations for key N (bf16), timed against the copy, to
-   check the heuristics' picks.
-Writes results.jsonl, report.md, tuning.md, correctness.txt under --out; prints a short table last.
+   and fp32, every path the heuristics pick from 1K to 262K, flags), outputs and gradients.
+2. Timings as users call it (rmsnorm bench's providers and round-robin timing, CUDA events): bf16 and
+   fp32, M*N = 2^27, N from 1K to 262K, fwd / bwd / fwd+bwd, for rmsnorm, torch F.rms_norm, F.layer_norm,
+   Liger (when importable) and the device-to-device copy roofline.
+3. The kernels alone (launch.forward / launch.backward, no autograd) against the copy.
+4. torch.compile of a Llama-style decoder block with rmsnorm.RMSNorm vs torch.nn.RMSNorm, forward+backward,
+   default mode and mode="reduce-overhead" (block.md).
+5. torch.compile(F.rms_norm) as a provider (bf16), while time remains.
+Writes results.jsonl, all.jsonl, report.md, kernels.md, block.md, correctness.txt under --out; prints the
+tables last. ``--smoke`` runs tiny shapes on CPU tensors in Triton's interpreter (tests the script).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 import traceback
@@ -26,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 START = time.time()
 DEV = "cuda"
@@ -38,9 +43,45 @@ def elapsed() -> float:
     return time.time() - START
 
 
-def correctness(out: Path) -> bool:
-    from helpers import check_against_reference, rand
+def check_against_reference(x, w, b, r, what: str, backend: str, low_atol_ulps: float = 0.0, **kw) -> None:
+    """Outputs and gradients of ``backend`` against the reference backend on the same device (fp32 math):
+    within a few units of the output dtype's epsilon x max(|ref|, 1); dW/db relative to their scale."""
+    import rmsnorm
+    from gpu_tune import TOL, _close
 
+    tol = TOL["fp32" if x.dtype == torch.float32 else "bf16"]
+    slack = 1.0 + low_atol_ulps
+
+    def run(be):
+        leaves = [None if t is None else t.detach().clone().requires_grad_(True) for t in (x, w, b, r)]
+        out = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], residual=leaves[3], backend=be, **kw)
+        outs = out if isinstance(out, tuple) else (out,)
+        g = torch.Generator(device=x.device).manual_seed(5)
+        cot = [torch.randn(o.shape, device=o.device, dtype=o.dtype, generator=g) for o in outs]
+        torch.autograd.backward(outs, cot)
+        return outs, [None if t is None else t.grad for t in leaves]
+
+    (outs, grads), (refs, rgrads) = run(backend), run("reference")
+    for i, (a, e) in enumerate(zip(outs, refs)):
+        ok, err = _close(a, e, tol[0] * slack)
+        assert ok, f"{what}: output {i} off by {err:.2f} eps"
+    for name, a, e in zip(("dx", "dw", "db", "dres"), grads, rgrads):
+        if e is None:
+            assert a is None, f"{what}: {name} should be None"
+            continue
+        if name in ("dw", "db"):
+            rel = ((a.double() - e.double()).abs().max() / e.double().abs().max().clamp_min(1e-30)).item()
+            assert rel < 1e-4 + 2 * torch.finfo(e.dtype).eps, f"{what}: {name} relative error {rel:.2e}"
+        else:
+            ok, err = _close(a, e, tol[1] * slack)
+            assert ok, f"{what}: {name} off by {err:.2f} eps"
+
+
+def rand(*shape, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(device=device, dtype=dtype)
+
+
+def correctness(out: Path) -> bool:
     lines, ok = [], True
     cases = []
     small = DEV == "cpu"
@@ -83,68 +124,75 @@ def sweep(out: Path, providers: list[str], dtypes: list[str], name: str, samples
     return rows
 
 
-def explore(out: Path, deadline: float) -> None:
-    """Time alternative launch configs (bf16) for key N against the copy; write tuning.md."""
-    from rmsnorm.args import Params
-    from rmsnorm.backends.triton import launch
-    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
+def llama_block(out: Path, deadline: float, tokens: int = 8192, hidden: int = 4096) -> list[str]:
+    """torch.compile of a Llama-style decoder block (pre-norm attention + SwiGLU MLP, bf16), forward+backward
+    step, with rmsnorm.RMSNorm against torch.nn.RMSNorm (which Inductor fuses); default mode, then
+    mode="reduce-overhead" (CUDA graphs) while time remains. Writes block.md; returns its lines."""
+    import torch.nn.functional as F
+    from torch import nn
+
+    import rmsnorm
     from rmsnorm.bench.timing import measure_group
 
-    sms = launch.sm_count(torch.device(DEV))
-    lines = ["| pass | N | config | µs | % of copy | heuristic pick |", "|---|---|---|---|---|---|"]
-    fwd_cands = {
-        65536: [FwdConfig(1, b, w, False) for b, w in ((4096, 8), (8192, 16), (16384, 16))],
-        262144: [FwdConfig(1, b, w, False) for b, w in ((4096, 8), (8192, 16), (16384, 16))],
-    }
-    bwd_cands = {
-        1024: [BwdConfig(bm, 1024, w, True, sms * k) for bm, w, k in
-               ((4, 4, 2), (4, 4, 4), (4, 8, 2), (8, 8, 2), (2, 4, 4), (8, 4, 2))],
-        4096: [BwdConfig(1, 4096, 8, True, sms * k) for k in (2, 3)] + [BwdConfig(2, 4096, 8, True, sms * 2)],
-        16384: [BwdConfig(1, 4096, 8, False, g) for g in (66, 132, 264)],
-    }
-    if DEV == "cpu":  # smoke run: shrink every candidate to the tiny rows used there
-        fwd_cands = {128: [FwdConfig(1, 128, 4, True), FwdConfig(1, 32, 4, False)]}
-        bwd_cands = {128: [BwdConfig(1, 128, 4, True, 3), BwdConfig(1, 128, 4, True, 3, False),
-                           BwdConfig(1, 32, 4, False, 2)]}
-    for kind, cands in (("fwd", fwd_cands), ("bwd", bwd_cands)):
-        for n, configs in cands.items():
-            if time.time() > deadline:
-                lines.append(f"| {kind} | {n} | (skipped: out of time) | | | |")
-                continue
-            m = TOTAL // n
-            x = torch.randn(m, n, device=DEV, dtype=torch.bfloat16)
-            w = torch.randn(n, device=DEV, dtype=torch.bfloat16)
-            prm = Params(n, 1e-6, False, 0.0, False)
-            fns = {"copy": lambda x=x: x.clone()}
-            if kind == "fwd":
-                pick = fwd_config(m, n)
-                for c in configs:
-                    fns[repr(c)] = lambda c=c, x=x, w=w, prm=prm: launch.forward(x, w, None, None, prm, x.dtype,
-                                                                                  config=c)
-                moved = 2 * x.numel() * 2
-            else:
-                pick = bwd_config(m, n, sms)
-                _, _, rstd = launch.forward(x, w, None, None, prm, x.dtype)
-                dy = torch.randn_like(x)
-                for c in configs:
-                    fns[repr(c)] = lambda c=c, x=x, w=w, dy=dy, rstd=rstd, prm=prm: launch.backward(
-                        dy, None, x, w, rstd, prm, True, False, config=c)
-                moved = 3 * x.numel() * 2
+    heads, ffn, seq = hidden // 128, int(hidden * 8 / 3) // 256 * 256, min(2048, tokens)
+    batch = tokens // seq
+
+    class Block(nn.Module):
+        def __init__(self, norm) -> None:
+            super().__init__()
+            self.n1, self.n2 = norm(hidden), norm(hidden)
+            self.qkv = nn.Linear(hidden, 3 * hidden, bias=False)
+            self.o = nn.Linear(hidden, hidden, bias=False)
+            self.up = nn.Linear(hidden, 2 * ffn, bias=False)
+            self.down = nn.Linear(ffn, hidden, bias=False)
+
+        def forward(self, x):
+            q, k, v = self.qkv(self.n1(x)).view(batch, seq, 3, heads, 128).permute(2, 0, 3, 1, 4)
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(batch, seq, hidden)
+            h = x + self.o(a)
+            gate, up = self.up(self.n2(h)).chunk(2, dim=-1)
+            return h + self.down(F.silu(gate) * up)
+
+    norms = {"rmsnorm.RMSNorm": lambda d: rmsnorm.RMSNorm(d, eps=1e-6),
+             "torch.nn.RMSNorm": lambda d: nn.RMSNorm(d, eps=1e-6)}
+    torch.manual_seed(0)
+    x = torch.randn(batch, seq, hidden, device=DEV, dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    lines = [f"Llama-style block, hidden {hidden}, {tokens} tokens (batch {batch} x {seq}), bf16, forward+backward",
+             "", "| mode | norm | step ms (median) | p10 | p90 | compile s |", "|---|---|---|---|---|---|"]
+    for mode in ("default", "reduce-overhead"):
+        if time.time() > deadline:
+            lines.append(f"| {mode} | (skipped: out of time) | | | | |")
+            continue
+        fns, compile_s = {}, {}
+        for name, norm in norms.items():
+            torch.manual_seed(1)
+            block = Block(norm).to(DEV, torch.bfloat16)
+            step = torch.compile(block, mode=None if mode == "default" else mode)
+            xl = x.detach().requires_grad_(True)
+
+            def run(step=step, block=block, xl=xl):
+                y = step(xl)
+                return torch.autograd.grad(y, [xl, *block.parameters()], dy)
+
+            t0 = time.time()
             try:
-                t = measure_group(fns, DEV, samples=6, min_samples=3, budget_s=0.05)
+                for _ in range(3):
+                    run()
+                torch.cuda.synchronize() if DEV == "cuda" else None
             except Exception as exc:
-                lines.append(f"| {kind} | {n} | error {type(exc).__name__}: {str(exc)[:120]} | | | |")
+                lines.append(f"| {mode} | {name}: error {type(exc).__name__}: {str(exc)[:150]} | | | | |")
                 continue
-            copy_bw = 2 * x.numel() * 2 / t["copy"].median_s
-            for c in configs:
-                tt = t[repr(c)].median_s
-                pct = 100 * moved / tt / copy_bw
-                lines.append(f"| {kind} | {n} | {c} | {tt * 1e6:.0f} | {pct:.0f}% | {'yes' if c == pick else ''} |")
-            fns.clear()
-            if DEV == "cuda":
-                torch.cuda.empty_cache()
-    (out / "tuning.md").write_text("\n".join(lines) + "\n")
-    print(f"[{elapsed():.0f}s] exploration done", flush=True)
+            compile_s[name] = time.time() - t0
+            fns[name] = run
+        if fns:
+            t = measure_group(fns, DEV, samples=10, min_samples=3, budget_s=0.3)
+            for name, tm in t.items():
+                lines.append(f"| {mode} | {name} | {tm.median_s * 1e3:.3f} | {tm.p10_s * 1e3:.3f} | "
+                             f"{tm.p90_s * 1e3:.3f} | {compile_s[name]:.0f} |")
+        print(f"[{elapsed():.0f}s] block {mode} done", flush=True)
+    (out / "block.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def kernel_level(out: Path) -> list[str]:
@@ -236,11 +284,12 @@ def main() -> int:
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--budget", type=float, default=330.0, help="seconds before optional parts are skipped")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run in Triton's interpreter (tests the script)")
-    ap.add_argument("--explore", action="store_true", help="also time alternative launch configurations")
+    ap.add_argument("--no-block", action="store_true", help="skip the compiled Llama-style block")
     args = ap.parse_args()
     global DEV, TOTAL, NS
     if args.smoke:
         DEV, TOTAL, NS = "cpu", 1 << 12, [128, 512]
+        os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = START + args.budget
     import triton
@@ -248,6 +297,9 @@ def main() -> int:
     import rmsnorm
     from rmsnorm.bench import report
 
+    from rmsnorm.backends.triton.heuristics import tuned_table
+
+    print(f"tuned table: {tuned_table().get('meta') or 'none (hand-set rules)'}", flush=True)
     if DEV == "cuda":
         props = torch.cuda.get_device_properties(0)
         card, sms = props.name, props.multi_processor_count
@@ -272,9 +324,10 @@ def main() -> int:
         kernel_lines = kernel_level(args.out)
     except Exception:
         traceback.print_exc()
-    if args.explore:
+    block_lines: list[str] = []
+    if not args.no_block:
         try:
-            explore(args.out, deadline - 60)
+            block_lines = llama_block(args.out, deadline - 30, *((8192, 4096) if DEV == "cuda" else (64, 256)))
         except Exception:
             traceback.print_exc()
     if time.time() < deadline - 40 and DEV == "cuda":
@@ -301,6 +354,8 @@ def main() -> int:
         print("\n".join(bars), flush=True)
     if kernel_lines:
         print("kernels alone (no autograd):\n" + "\n".join(kernel_lines), flush=True)
+    if block_lines:
+        print("\n".join(block_lines), flush=True)
     print(f"[{elapsed():.0f}s] done; correctness {'PASS' if ok else 'FAIL'}", flush=True)
     return 0 if ok else 1
 

@@ -56,9 +56,9 @@ def _explicit(monkeypatch, fwd=None, bwd=None):
     from rmsnorm.backends.triton import launch
 
     if fwd is not None:
-        monkeypatch.setattr(launch, "fwd_config", lambda m, n: fwd)
+        monkeypatch.setattr(launch, "fwd_config", lambda *a, **k: fwd)
     if bwd is not None:
-        monkeypatch.setattr(launch, "bwd_config", lambda m, n, sms: bwd)
+        monkeypatch.setattr(launch, "bwd_config", lambda *a, **k: bwd)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -71,6 +71,61 @@ def test_looped_forward_and_tiled_backward(dtype, flags, monkeypatch, poison):
     x, w = rand(7, 70, dtype=dtype, device=DEVICE), rand(70, dtype=dtype, device=DEVICE)
     check(x, w, rand(70, dtype=dtype, device=DEVICE), rand(7, 70, dtype=dtype, device=DEVICE), **flags)
     check(x, w, None, None, **flags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("team,chunk,programs", [(1, 128, 0), (2, 64, 0), (4, 32, 6), (8, 16, 0)])
+@pytest.mark.parametrize("flags", [{}, {"p": 0.3, "eps_mode": "outside"}, {"cast": "llama", "offset": 1.0}])
+def test_split_row_team_kernels(dtype, team, chunk, programs, flags, monkeypatch, poison):
+    """Rows shared by teams of programs (each a chunk of the row). Without a GPU the team launches twice
+    without its barrier (the interpreter runs programs one after another): every part but the barrier."""
+    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig
+
+    _explicit(monkeypatch, FwdConfig(1, chunk, 4, False, team=team, programs=programs * team),
+              BwdConfig(1, chunk, 4, False, 0, team=team))
+    n = chunk * team - 5 if team > 1 else 100
+    x, w = rand(7, n, dtype=dtype, device=DEVICE, scale=2.0), rand(n, dtype=dtype, device=DEVICE)
+    check(x, w, rand(n, dtype=dtype, device=DEVICE), rand(7, n, dtype=dtype, device=DEVICE), **flags)
+    check(base := rand(7, n + 9, dtype=dtype, device=DEVICE)[:, 4:n + 4], w, None, None, **flags)
+    assert base.stride(0) == n + 9
+
+
+def test_team_config_must_cover_the_row(monkeypatch):
+    from rmsnorm.backends.triton.heuristics import FwdConfig
+
+    _explicit(monkeypatch, FwdConfig(1, 16, 4, False, team=2))
+    with pytest.raises(ValueError, match="cannot cover"):
+        rmsnorm.rms_norm(rand(2, 40, device=DEVICE), backend="triton")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_persistent_looped_forward_with_l2_hints(dtype, monkeypatch, poison):
+    from rmsnorm.backends.triton.heuristics import FwdConfig
+
+    _explicit(monkeypatch, FwdConfig(1, 16, 4, False, programs=3, evict=True))
+    x, w = rand(7, 70, dtype=dtype, device=DEVICE), rand(70, dtype=dtype, device=DEVICE)
+    check(x, w, rand(70, dtype=dtype, device=DEVICE), rand(7, 70, dtype=dtype, device=DEVICE), p=0.3)
+    check(x, w, None, None, cast="llama")
+
+
+def test_tuned_table_entries_map_to_configs(tmp_path):
+    import json
+
+    from rmsnorm.backends.triton import heuristics as H
+
+    path = tmp_path / "tuned.json"
+    path.write_text(json.dumps({"meta": {"card": "test"}, "fwd": {"2": [
+        {"n": 16384, "kind": "default"}, {"n": 65536, "kind": "team", "block_n": 16384, "num_warps": 16},
+        {"n": 131072, "kind": "looped", "block_n": 8192, "num_warps": 16, "programs": 40, "evict": True}]},
+        "bwd": {"2": [{"n": 16384, "kind": "team", "block_n": 4096, "num_warps": 8}]}}))
+    table = H.tuned_table(path)
+    assert H.fwd_config(4096, 1024, 2, table=table).single  # below the table: hand-set rules
+    assert H.fwd_config(512, 32768, 2, table=table) == H.fwd_config(512, 32768, 2, table={})
+    assert H.fwd_config(1024, 100000, 2, table=table) == H.FwdConfig(1, 16384, 16, False, team=8)
+    assert H.fwd_config(64, 262144, 2, table=table) == H.FwdConfig(1, 8192, 16, False, programs=40, evict=True)
+    assert H.fwd_config(64, 262144, 4, table=table) == H.fwd_config(64, 262144, 4, table={})  # no fp32 entries
+    assert H.bwd_config(64, 20000, 132, 2, table=table) == H.BwdConfig(1, 4096, 8, False, 0, team=8)
+    assert H.tuned_table(tmp_path / "missing.json") == {}
 
 
 @pytest.mark.parametrize("block_m,programs,acc", [(1, 1, True), (2, 3, False), (4, 2, True), (8, 5, False)])
@@ -93,10 +148,10 @@ def test_heuristics_cover_the_range():
     from rmsnorm.backends.triton.heuristics import LIMITS, bwd_config, fwd_config
 
     for n in (1, 7, 1024, 4096, 16384, 32768, 65536, 262144):
-        f = fwd_config(1 << 27 // n if n > 1 else 4096, n)
+        f = fwd_config(1 << 27 // n if n > 1 else 4096, n, 2, LIMITS, {})
         assert f.single == (n <= LIMITS.fwd_single_max) and f.block_n >= (n if f.single else 1)
         assert f.block_m * f.block_n <= max(LIMITS.tile_elements, f.block_n) and f.num_warps in (4, 8, 16, 32)
-        b = bwd_config(4096, n, 132)
+        b = bwd_config(4096, n, 132, 2, LIMITS, {})
         assert b.single == (n <= LIMITS.bwd_single_max) and 1 <= b.programs <= 4096
 
 

@@ -1,5 +1,10 @@
 """Launch configurations of the Triton kernels, chosen from (M, N, itemsize, SM count).
 
+Two layers: the tuned table ``tuned.json`` beside this file (written by benchmarks/gpu_tune.py: for each
+pass, element size and measured N, the fastest candidate that passed its correctness check; a row of N
+uses the entry of the largest measured N <= N), and below it the hand-set rules, which cover N below the
+table and any run without it.
+
 Every threshold below says where it comes from. "H200 run" means benchmarks/gpu_check.py (and its
 exploration sweeps) on the NVIDIA H200 lent on 2026-11-27 (see docs/benchmarks/gpu.md; no H100 has been
 measured yet); "ptxas" means register and spill counts from benchmarks/triton_ptxas.py for a Hopper SM
@@ -9,7 +14,9 @@ measured yet); "ptxas" means register and spill counts from benchmarks/triton_pt
 from __future__ import annotations
 
 import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import triton
 
@@ -17,9 +24,12 @@ import triton
 @dataclass(frozen=True)
 class FwdConfig:
     block_m: int  # rows per program (several for small N)
-    block_n: int  # columns per tile: the whole row when single, else the loop step
+    block_n: int  # columns per tile: the whole row when single, the loop step (looped), the chunk (team)
     num_warps: int
     single: bool  # the row lives in registers (one pass over memory)
+    team: int = 0  # not single: G > 0 programs share each row (split-row team kernel), chunks of block_n
+    programs: int = 0  # not single: persistent grid size (0: one program per row, or from occupancy for teams)
+    evict: bool = False  # looped: L2 eviction hints that keep the rows in flight between the two passes
 
 
 @dataclass(frozen=True)
@@ -28,8 +38,9 @@ class BwdConfig:
     block_n: int
     num_warps: int
     single: bool  # rows in registers, persistent grid; else the two-kernel column-tiled path
-    programs: int  # grid size: persistent programs (single) or row groups per column tile (tiled)
+    programs: int  # grid size: persistent programs (single) or row groups per column tile (tiled); teams: 0
     acc_in_regs: bool = True  # single: gain and dW/db accumulators in registers (else in L2-resident partials)
+    team: int = 0  # not single: G > 0 programs share each row (split-row team kernel), chunks of block_n
 
 
 @dataclass(frozen=True)
@@ -72,8 +83,55 @@ def _warps(elements: int) -> int:
     return 4
 
 
-@functools.lru_cache(maxsize=4096)
-def fwd_config(m: int, n: int, limits: Limits = LIMITS) -> FwdConfig:
+TUNED_FILE = Path(__file__).with_name("tuned.json")
+
+
+@functools.cache
+def tuned_table(path: Path = TUNED_FILE) -> dict:
+    """The tuned table: {"fwd" | "bwd": {itemsize: [entry, ...] sorted by n}, "meta": {...}}; {} if absent."""
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    table: dict = {"meta": raw.get("meta", {})}
+    for kind in ("fwd", "bwd"):
+        table[kind] = {int(k): sorted(v, key=lambda e: e["n"]) for k, v in raw.get(kind, {}).items()}
+    return table
+
+
+def _tuned_entry(kind: str, n: int, itemsize: int, table: dict) -> dict | None:
+    entries = table.get(kind, {}).get(itemsize, [])
+    below = [e for e in entries if e["n"] <= n]
+    return below[-1] if below else None
+
+
+def _team_size(n: int, chunk: int) -> int:
+    return triton.next_power_of_2(triton.cdiv(n, chunk))
+
+
+def fwd_config(m: int, n: int, itemsize: int = 2, limits: Limits = LIMITS, table: dict | None = None) -> FwdConfig:
+    """Forward launch configuration; ``table`` replaces the tuned table (``{}``: the hand-set rules only)."""
+    if table is None:
+        return _fwd_cached(m, n, itemsize, limits)
+    return _fwd(m, n, itemsize, limits, table)
+
+
+def bwd_config(m: int, n: int, sms: int, itemsize: int = 2, limits: Limits = LIMITS,
+               table: dict | None = None) -> BwdConfig:
+    """Backward launch configuration; ``table`` as in :func:`fwd_config`."""
+    if table is None:
+        return _bwd_cached(m, n, sms, itemsize, limits)
+    return _bwd(m, n, sms, itemsize, limits, table)
+
+
+def _fwd(m: int, n: int, itemsize: int, limits: Limits, table: dict) -> FwdConfig:
+    e = _tuned_entry("fwd", n, itemsize, table)
+    if e is not None:
+        if e["kind"] == "team":
+            return FwdConfig(1, e["block_n"], e["num_warps"], False, team=_team_size(n, e["block_n"]))
+        if e["kind"] == "looped":
+            return FwdConfig(1, e["block_n"], e["num_warps"], False, programs=e.get("programs", 0),
+                             evict=e.get("evict", False))
     if n <= limits.fwd_single_max:
         block_n = triton.next_power_of_2(n)
         block_m = max(1, min(limits.tile_elements // block_n, triton.next_power_of_2(max(m, 1))))
@@ -81,8 +139,10 @@ def fwd_config(m: int, n: int, limits: Limits = LIMITS) -> FwdConfig:
     return FwdConfig(1, limits.loop_block, _warps(limits.loop_block), False)
 
 
-@functools.lru_cache(maxsize=4096)
-def bwd_config(m: int, n: int, sms: int, limits: Limits = LIMITS) -> BwdConfig:
+def _bwd(m: int, n: int, sms: int, itemsize: int, limits: Limits, table: dict) -> BwdConfig:
+    e = _tuned_entry("bwd", n, itemsize, table)
+    if e is not None and e["kind"] == "team":
+        return BwdConfig(1, e["block_n"], e["num_warps"], False, 0, team=_team_size(n, e["block_n"]))
     if n <= limits.bwd_single_max:
         block_n = triton.next_power_of_2(n)
         block_m = max(1, min(limits.tile_elements // block_n, triton.next_power_of_2(max(m, 1))))
@@ -94,3 +154,20 @@ def bwd_config(m: int, n: int, sms: int, limits: Limits = LIMITS) -> BwdConfig:
     col_tiles = triton.cdiv(n, block_n)
     groups = max(1, min(m, (sms * limits.bwd_programs_per_sm * 2) // col_tiles))
     return BwdConfig(1, block_n, _warps(block_n), False, groups)
+
+
+@functools.lru_cache(maxsize=4096)
+def _fwd_cached(m: int, n: int, itemsize: int, limits: Limits) -> FwdConfig:
+    return _fwd(m, n, itemsize, limits, tuned_table())
+
+
+@functools.lru_cache(maxsize=4096)
+def _bwd_cached(m: int, n: int, sms: int, itemsize: int, limits: Limits) -> BwdConfig:
+    return _bwd(m, n, sms, itemsize, limits, tuned_table())
+
+
+def reload_tuned_table() -> None:
+    """Forget the cached table and configurations (after a tuning run rewrote tuned.json)."""
+    tuned_table.cache_clear()
+    _fwd_cached.cache_clear()
+    _bwd_cached.cache_clear()

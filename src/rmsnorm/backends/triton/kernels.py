@@ -12,6 +12,15 @@ Strategies (chosen by heuristics.py):
   registers and written once per program as (programs, N) partials (summed in a fixed order, no atomics).
 - backward ``_bwd_rowdot`` + ``_bwd_tiled``: per-row dot products first, then column tiles over rows
   (huge N), again with per-program partials.
+- forward ``_fwd_team`` / backward ``_bwd_team``: split-row "team" kernels for wide rows. A persistent grid
+  of teams of G programs; each program holds one CHUNK of the row in registers, writes its partial
+  statistic to a (rows, G) buffer, meets its team at a barrier (``_team_sync``), sums the G partials in a
+  fixed order (deterministic) and finishes its chunk: one read and one write per element (forward), two
+  reads and one write (backward), whatever N. The next row is loaded before the barrier so the wait
+  overlaps memory traffic. Every program of the grid must be resident at once (the launcher sizes the
+  grid from occupancy); the interpreter runs programs one after another, so there only G = 1 can run.
+- forward ``_fwd_looped`` with EVICT: the two-pass fallback with a persistent grid small enough that the
+  rows in flight stay in L2 between the passes (first pass evict_last, second evict_first).
 """
 
 from __future__ import annotations
@@ -74,38 +83,43 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
 @triton.jit
 def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
                 BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+                EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr, EV1: tl.constexpr,
+                EV2: tl.constexpr):
+    """Rows pid, pid + programs, ...; each row read twice (statistic, then output). EV1 / EV2: L2 eviction
+    hints of the two passes ("evict_last" / "evict_first" to keep the rows in flight in L2, or "")."""
     base = tl.arange(0, BLOCK_N)
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_R:
-        for c in range(0, N, BLOCK_N):
-            cols = c + base
-            m = cols < N
-            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-            r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
-            hq = (x + r).to(NORM_TY)
-            tl.store(H + row * N + cols, hq, mask=m)
-            hf = tl.where(cols < K, hq.to(tl.float32), 0.0)
-            acc += hf * hf
-    else:
-        for c in range(0, K, BLOCK_N):
-            cols = c + base
-            x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0).to(tl.float32)
-            acc += x * x
-    rstd = _inv_rms(tl.sum(acc, axis=0), K, eps, EPS_OUTSIDE)
-    tl.store(RSTD + row, rstd)
-    # second pass backwards: the chunks read last are the likeliest to still be in L2
-    steps = tl.cdiv(N, BLOCK_N)
-    for i in range(0, steps):
-        cols = (steps - 1 - i) * BLOCK_N + base
-        m = cols < N
+    for row_i in range(tl.program_id(0), M, tl.num_programs(0)):
+        row = tl.cast(row_i, tl.int64)
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
         if HAS_R:
-            x = tl.load(H + row * N + cols, mask=m, other=0.0).to(tl.float32)
+            for c in range(0, N, BLOCK_N):
+                cols = c + base
+                m = cols < N
+                x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
+                r = tl.load(R + row * stride_r + cols, mask=m, other=0.0).to(tl.float32)
+                hq = (x + r).to(NORM_TY)
+                tl.store(H + row * N + cols, hq, mask=m, eviction_policy=EV1)
+                hf = tl.where(cols < K, hq.to(tl.float32), 0.0)
+                acc += hf * hf
         else:
-            x = tl.load(X + row * stride_x + cols, mask=m, other=0.0).to(tl.float32)
-        y = _finish_row(x, rstd, W, B, cols, m, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
-        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m)
+            for c in range(0, K, BLOCK_N):
+                cols = c + base
+                x = tl.load(X + row * stride_x + cols, mask=cols < K, other=0.0, eviction_policy=EV1)
+                x = x.to(tl.float32)
+                acc += x * x
+        rstd = _inv_rms(tl.sum(acc, axis=0), K, eps, EPS_OUTSIDE)
+        tl.store(RSTD + row, rstd)
+        # second pass backwards: the chunks read last are the likeliest to still be in L2
+        steps = tl.cdiv(N, BLOCK_N)
+        for i in range(0, steps):
+            cols = (steps - 1 - i) * BLOCK_N + base
+            m = cols < N
+            if HAS_R:
+                x = tl.load(H + row * N + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
+            else:
+                x = tl.load(X + row * stride_x + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
+            y = _finish_row(x, rstd, W, B, cols, m, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+            tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m, eviction_policy="evict_first")
 
 
 @triton.jit
@@ -234,3 +248,140 @@ def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, strid
         tl.store(DWP + gid.to(tl.int64) * N + cols, dw_acc, mask=cmask)
     if NEED_DB:
         tl.store(DBP + gid.to(tl.int64) * N + cols, db_acc, mask=cmask)
+
+
+@triton.jit
+def _team_sync(ARR, GEN, team, G, SYNC: tl.constexpr):
+    """Barrier of the G programs of one team: a generation counter, so it resets itself (CUDA-graph safe).
+
+    Every program reads the generation, arrives (acq_rel); the last to arrive resets the arrival count and
+    publishes the next generation (release); the others spin until they see it (acquire). The CTA
+    barriers before and after order the whole program's stores and loads around the one thread's atomics.
+    """
+    if SYNC:
+        tl.debug_barrier()
+        gen0 = tl.atomic_add(GEN + team, 0, sem="relaxed")
+        arrived = tl.atomic_add(ARR + team, 1, sem="acq_rel")
+        if arrived == G - 1:
+            tl.atomic_xchg(ARR + team, 0, sem="relaxed")
+            tl.atomic_add(GEN + team, 1, sem="release")
+        else:
+            seen = gen0
+            while seen == gen0:
+                seen = tl.atomic_add(GEN + team, 0, sem="acquire")
+        tl.debug_barrier()
+
+
+@triton.jit
+def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, K, eps, offset, teams, G,
+              CHUNK: tl.constexpr, GMAX: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+              PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr,
+              SYNC: tl.constexpr = True):
+    """Split-row forward: team t of G programs handles rows t, t + teams, ...; program g owns columns
+    [g*CHUNK, (g+1)*CHUNK). PART[row, g] holds the chunk's sum of squares. G is a run-time argument
+    (G <= GMAX), so one compiled kernel serves every N of a chunk size."""
+    pid = tl.program_id(0)
+    team = pid // G
+    g = pid % G
+    cols = g * CHUNK + tl.arange(0, CHUNK)
+    cmask = cols < N
+    steps = tl.cdiv(M, teams)
+    row = team.to(tl.int64)
+    xr = tl.load(X + row * stride_x + cols, mask=cols < tl.where(row < M, N, 0), other=0.0)
+    if HAS_R:
+        rr = tl.load(R + row * stride_r + cols, mask=cols < tl.where(row < M, N, 0), other=0.0)
+    for j in range(0, steps):
+        row = team.to(tl.int64) + j * teams
+        valid = row < M
+        if HAS_R:
+            xr = (xr.to(tl.float32) + rr.to(tl.float32)).to(NORM_TY)
+            tl.store(H + row * N + cols, xr, mask=cols < tl.where(valid, N, 0))
+        xs = xr.to(tl.float32)
+        if PARTIAL:
+            xs = tl.where(cols < K, xs, 0.0)
+        tl.store(PART + row * G + g, tl.sum(xs * xs, axis=0), mask=valid)
+        # the next row's chunk is requested before the barrier: the wait overlaps its loads
+        nxt = row + teams
+        xn = tl.load(X + nxt * stride_x + cols, mask=cols < tl.where(nxt < M, N, 0), other=0.0)
+        if HAS_R:
+            rr = tl.load(R + nxt * stride_r + cols, mask=cols < tl.where(nxt < M, N, 0), other=0.0)
+        _team_sync(ARR, GEN, team, G, SYNC)
+        parts = tl.load(PART + row * G + tl.arange(0, GMAX), mask=tl.arange(0, GMAX) < tl.where(valid, G, 0), other=0.0,
+                        cache_modifier=".cg")
+        rstd = _inv_rms(tl.sum(parts, axis=0), K, eps, EPS_OUTSIDE)
+        tl.store(RSTD + row, rstd, mask=valid & (g == 0))
+        y = _finish_row(xr.to(tl.float32), rstd, W, B, cols, cmask, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+        tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
+        xr = xn
+
+
+@triton.jit
+def _bwd_team(DY, DH, Hp, W, RSTD, DX, DWP, DBP, PART, ARR, GEN, stride_dy, stride_dh, stride_h, M, N, K, eps,
+              offset, teams, G, CHUNK: tl.constexpr, GMAX: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
+              NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
+              LLAMA: tl.constexpr, SYNC: tl.constexpr = True):
+    """Split-row backward: as _fwd_team, PART[row, g] holding the chunk's part of sum(dy * g * h). dW/db
+    accumulate in registers over the team's rows and are written once as (teams, N) partials."""
+    pid = tl.program_id(0)
+    team = pid // G
+    g = pid % G
+    cols = g * CHUNK + tl.arange(0, CHUNK)
+    cmask = cols < N
+    if HAS_W:
+        gw = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    dw_acc = tl.zeros([CHUNK], dtype=tl.float32)
+    db_acc = tl.zeros([CHUNK], dtype=tl.float32)
+    steps = tl.cdiv(M, teams)
+    row = team.to(tl.int64)
+    h = tl.load(Hp + row * stride_h + cols, mask=cols < tl.where(row < M, N, 0), other=0.0)
+    dy = tl.load(DY + row * stride_dy + cols, mask=cols < tl.where(row < M, N, 0), other=0.0)
+    for j in range(0, steps):
+        row = team.to(tl.int64) + j * teams
+        valid = row < M
+        rstd = tl.load(RSTD + row, mask=valid, other=1.0)
+        hf = h.to(tl.float32)
+        dyf = dy.to(tl.float32)
+        dyg = dyf
+        if HAS_W:
+            dyg = dyf * gw
+        tl.store(PART + row * G + g, tl.sum(dyg * hf, axis=0), mask=valid)
+        nxt = row + teams
+        hn = tl.load(Hp + nxt * stride_h + cols, mask=cols < tl.where(nxt < M, N, 0), other=0.0)
+        dyn = tl.load(DY + nxt * stride_dy + cols, mask=cols < tl.where(nxt < M, N, 0), other=0.0)
+        _team_sync(ARR, GEN, team, G, SYNC)
+        parts = tl.load(PART + row * G + tl.arange(0, GMAX), mask=tl.arange(0, GMAX) < tl.where(valid, G, 0), other=0.0,
+                        cache_modifier=".cg")
+        cs = _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE) * tl.sum(parts, axis=0)
+        corr = hf * cs
+        if PARTIAL:
+            corr = tl.where(cols < K, corr, 0.0)
+        dx = dyg * rstd - corr
+        if HAS_DH:
+            dx += tl.load(DH + row * stride_dh + cols, mask=cols < tl.where(valid, N, 0), other=0.0).to(tl.float32)
+        tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
+        if NEED_DW:
+            xh = hf * rstd
+            if LLAMA:
+                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
+            dw_acc += dyf * xh
+        if NEED_DB:
+            db_acc += dyf
+        h = hn
+        dy = dyn
+    if NEED_DW:
+        tl.store(DWP + team.to(tl.int64) * N + cols, dw_acc, mask=cmask)
+    if NEED_DB:
+        tl.store(DBP + team.to(tl.int64) * N + cols, db_acc, mask=cmask)
+
+
+@triton.jit
+def _sum_rows(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
+    """OUT[c] = sum over r of P[r, c], rows in a fixed order, written in OUT's dtype (the dW/db reduction)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cmask = cols < N
+    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        rows = r0 + tl.arange(0, BLOCK_R)
+        acc += tl.load(P + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=(rows < R)[:, None] & cmask[None, :],
+                       other=0.0)
+    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)

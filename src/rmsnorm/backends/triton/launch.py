@@ -22,6 +22,41 @@ def sm_count(device: torch.device) -> int:
     return 4  # the interpreter on CPU tensors: a few "programs" exercise the persistent loops
 
 
+_BARRIERS: dict[tuple, torch.Tensor] = {}
+MAX_TEAMS = 4096
+TEAM_MAX = 64  # programs per team (the partial statistics of a row are read as one GMAX-wide vector)
+
+
+def _barrier_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Arrival counts and generations of the team barriers: zeroed once per (device, stream); the barrier
+    leaves the counts at zero, so no launch needs a reset (and CUDA graphs may capture the kernels)."""
+    stream = torch.cuda.current_stream(device).stream_id if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _BARRIERS.get(key)
+    if buf is None:
+        buf = _BARRIERS[key] = torch.zeros(2 * MAX_TEAMS, dtype=torch.int32, device=device)
+    return buf[:MAX_TEAMS], buf[MAX_TEAMS:]
+
+
+def team_grid(compiled, num_warps: int, sms: int, g: int, rows: int, device: torch.device) -> int:
+    """Teams of g programs: as many as are co-resident on the device (every program must be, since they
+    wait for each other), at most one per row and MAX_TEAMS. Registers are counted in the hardware's
+    allocation unit (8 per thread); anything unknown counts as one program per SM."""
+    per_sm = 1
+    if device.type == "cuda":
+        try:
+            props = torch.cuda.get_device_properties(device)
+            regs = -(-max(1, compiled.n_regs) // 8) * 8 * 32 * num_warps
+            per_sm = min(getattr(props, "regs_per_multiprocessor", 65536) // regs,
+                         getattr(props, "max_threads_per_multi_processor", 2048) // (32 * num_warps), 32)
+            smem = getattr(compiled.metadata, "shared", 0)
+            if smem:
+                per_sm = min(per_sm, getattr(props, "shared_memory_per_multiprocessor", 233472) // smem)
+        except Exception:  # a Triton without these fields: the safe lower bound
+            per_sm = 1
+    return max(1, min((sms * max(1, per_sm)) // g, rows, MAX_TEAMS))
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype, config: FwdConfig | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -31,22 +66,66 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, h, rstd
-    cfg = config or fwd_config(m, n)
+    cfg = config or fwd_config(m, n, x.element_size())
     w = weight.contiguous() if weight is not None else x
     b = bias.contiguous() if bias is not None else x
     r = residual if residual is not None else x
-    args = (x, r, w, b, y, h if h is not None else y, rstd, x.stride(0), r.stride(0), m, n, prm.k, prm.eps,
-            prm.offset)
+    ptrs = (x, r, w, b, y, h if h is not None else y, rstd)
+    scalars = (x.stride(0), r.stride(0), m, n, prm.k, prm.eps, prm.offset)
     flags = {"HAS_R": residual is not None, "HAS_W": weight is not None, "HAS_B": bias is not None,
              "EPS_OUTSIDE": prm.eps_outside, "LLAMA": prm.llama,
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
     if cfg.single:
         grid = (triton.cdiv(m, cfg.block_m),)
-        kernels._fwd_rows[grid](*args, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=prm.k < n,
+        kernels._fwd_rows[grid](*ptrs, *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=prm.k < n,
                                 num_warps=cfg.num_warps, **flags)
+    elif cfg.team:
+        g = _check_team(cfg, n)
+        part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
+        arr, gen = _barrier_state(x.device)
+        consts = {"CHUNK": cfg.block_n, "GMAX": TEAM_MAX, "PARTIAL": prm.k < n, "num_warps": cfg.num_warps, **flags}
+        teams = cfg.programs // g if cfg.programs else _teams(kernels._fwd_team, (*ptrs, part, arr, gen, *scalars),
+                                                              consts, g, m, x.device)
+        for sync in _team_launches(x.device, g):
+            kernels._fwd_team[(teams * g,)](*ptrs, part, arr, gen, *scalars, teams, g, SYNC=sync, **consts)
     else:
-        kernels._fwd_looped[(m,)](*args, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, **flags)
+        ev = ("evict_last", "evict_first") if cfg.evict else ("", "")
+        grid = (min(m, cfg.programs) if cfg.programs else m,)
+        kernels._fwd_looped[grid](*ptrs, *scalars, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, EV1=ev[0],
+                                  EV2=ev[1], **flags)
     return y, h, rstd
+
+
+def _check_team(cfg: FwdConfig | BwdConfig, n: int) -> int:
+    if not 1 <= cfg.team <= TEAM_MAX or cfg.block_n * cfg.team < n:
+        raise ValueError(f"team config {cfg} cannot cover rows of {n}: need 1 <= team <= {TEAM_MAX} and "
+                         "team * block_n >= N")
+    return cfg.team
+
+
+def _team_launches(device: torch.device, g: int) -> tuple[bool, ...]:
+    """One synchronised launch on a GPU. The interpreter runs programs one after another, so a team of
+    g > 1 cannot meet at a barrier there: it launches twice without it, the second launch reading the
+    partial statistics the first wrote (same values), which tests everything but the barrier itself."""
+    return (True,) if device.type == "cuda" or g == 1 else (False, False)
+
+
+_TEAM_CAPACITY: dict[tuple, int] = {}
+
+
+def _teams(kernel, args: tuple, consts: dict, g: int, rows: int, device: torch.device) -> int:
+    """Co-resident team count for this kernel specialisation (compiled once to read its register count)."""
+    if device.type != "cuda":
+        return max(1, min(rows, 2))
+    key = (kernel.fn.__name__, device.index, tuple(sorted((k, str(v)) for k, v in consts.items())),
+           tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+    cap = _TEAM_CAPACITY.get(key)
+    if cap is None:
+        compiled = kernel.warmup(*args, 3, g, grid=(1,), **consts)  # teams=3: no int specialisation
+        if hasattr(compiled, "_init_handles"):
+            compiled._init_handles()
+        cap = _TEAM_CAPACITY[key] = team_grid(compiled, consts["num_warps"], sm_count(device), g, 1 << 30, device)
+    return max(1, min(cap, rows))
 
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
@@ -54,22 +133,39 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
-    cfg = config or bwd_config(m, n, sm_count(h.device))
-    programs = cfg.programs
+    cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
     f32 = {"dtype": torch.float32, "device": h.device}
-    # every program writes its whole partial row, except the in-place (L2 partials) variant: zero it
-    alloc = torch.empty if (cfg.acc_in_regs or not cfg.single) and m > 0 else torch.zeros
-    dwp = alloc((programs, n), **f32) if need_dw else None
-    dbp = alloc((programs, n), **f32) if need_db else None
-    if m > 0:
-        w = weight.contiguous() if weight is not None else h
-        d = dh if dh is not None else h
-        flags = {"HAS_DH": dh is not None, "HAS_W": weight is not None, "NEED_DW": need_dw, "NEED_DB": need_db,
-                 "PARTIAL": prm.k < n, "EPS_OUTSIDE": prm.eps_outside, "LLAMA": prm.llama}
+    if m == 0:
+        zeros = torch.zeros((n,), **f32)
+        return dx, (zeros if need_dw else None), (zeros if need_db else None)
+    w = weight.contiguous() if weight is not None else h
+    d = dh if dh is not None else h
+    flags = {"HAS_DH": dh is not None, "HAS_W": weight is not None, "NEED_DW": need_dw, "NEED_DB": need_db,
+             "PARTIAL": prm.k < n, "EPS_OUTSIDE": prm.eps_outside, "LLAMA": prm.llama}
+    strides = (dy.stride(0), d.stride(0), h.stride(0))
+    scalars = (m, n, prm.k, prm.eps, prm.offset)
+    if cfg.team:
+        g = _check_team(cfg, n)
+        part = torch.empty((m * g,), **f32)
+        arr, gen = _barrier_state(h.device)
+        consts = {"CHUNK": cfg.block_n, "GMAX": TEAM_MAX, "num_warps": cfg.num_warps, **flags}
+        probe = (dy, d, h, w, rstd, dx, rstd, rstd, part, arr, gen, *strides, *scalars)
+        teams = cfg.programs // g if cfg.programs else _teams(kernels._bwd_team, probe, consts, g, m, h.device)
+        dwp = torch.empty((teams, n), **f32) if need_dw else None
+        dbp = torch.empty((teams, n), **f32) if need_db else None
+        parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
+        for sync in _team_launches(h.device, g):
+            kernels._bwd_team[(teams * g,)](dy, d, h, w, rstd, dx, *parts, part, arr, gen, *strides, *scalars,
+                                            teams, g, SYNC=sync, **consts)
+    else:
+        programs = cfg.programs
+        # every program writes its whole partial row, except the in-place (L2 partials) variant: zero it
+        alloc = torch.empty if (cfg.acc_in_regs or not cfg.single) else torch.zeros
+        dwp = alloc((programs, n), **f32) if need_dw else None
+        dbp = alloc((programs, n), **f32) if need_db else None
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         if cfg.single:
-            kernels._bwd_rows[(programs,)](dy, d, h, w, rstd, dx, *parts, dy.stride(0), d.stride(0), h.stride(0), m,
-                                           n, prm.k, prm.eps, prm.offset, BLOCK_M=cfg.block_m,
+            kernels._bwd_rows[(programs,)](dy, d, h, w, rstd, dx, *parts, *strides, *scalars, BLOCK_M=cfg.block_m,
                                            BLOCK_N=cfg.block_n, ACC_IN_REGS=cfg.acc_in_regs,
                                            num_warps=cfg.num_warps, **flags)
         else:
@@ -77,9 +173,13 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
             kernels._bwd_rowdot[(m,)](dy, h, w, s, dy.stride(0), h.stride(0), n, prm.offset,
                                       BLOCK_N=cfg.block_n, HAS_W=weight is not None, num_warps=cfg.num_warps)
             grid = (triton.cdiv(n, cfg.block_n), programs)
-            kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, dy.stride(0), d.stride(0), h.stride(0), m,
-                                     n, prm.k, prm.eps, prm.offset, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-                                     **flags)
-    dw = dwp.sum(0) if need_dw else None  # fixed-order reduction of per-program partials
-    db = dbp.sum(0) if need_db else None
+            kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars, BLOCK_N=cfg.block_n,
+                                     num_warps=cfg.num_warps, **flags)
+    dw = reduce_partials(dwp) if need_dw else None  # fixed-order reduction of per-program partials
+    db = reduce_partials(dbp) if need_db else None
     return dx, dw, db
+
+
+def reduce_partials(p: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Column sums of the (programs, N) fp32 partials, rows in a fixed order (deterministic)."""
+    return p.sum(0) if out_dtype == torch.float32 else p.sum(0).to(out_dtype)
