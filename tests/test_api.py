@@ -125,7 +125,9 @@ BAD = [
     (lambda x, w: rmsnorm.RMSNorm(16, p=0), ValueError, "p"),
     (lambda x, w: rmsnorm.RMSNorm(16, eps=-1.0), ValueError, "eps"),
     (lambda x, w: rmsnorm.RMSNorm(16, eps_mode="x"), ValueError, "eps_mode"),
-    (lambda x, w: rmsnorm.RMSNorm(0), ValueError, "normalized_shape"),
+    (lambda x, w: rmsnorm.RMSNorm(-1), ValueError, "normalized_shape"),
+    (lambda x, w: rmsnorm.RMSNorm([8.7]), TypeError, "normalized_shape"),
+    (lambda x, w: rmsnorm.RMSNorm("12"), TypeError, "normalized_shape"),
     (lambda x, w: rmsnorm.RMSNorm(16, elementwise_affine=False, bias=True), ValueError, "bias"),
 ]
 

@@ -7,6 +7,7 @@ set-membership checks, no tensor operations.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Sequence
 
 import torch
@@ -44,16 +45,14 @@ def partial_size(n: int, p: float, rounding: str = "ceil") -> int:
     """Number of elements k the partial RMS is taken over: ceil(p*n) (paper) or floor(p*n) (authors' code).
 
     A product that is an integer up to float round-off (0.07 * 100) counts as that integer, and
-    1 <= k <= n always.
+    1 <= k <= n always (k = 0 only for n = 0). Written with arithmetic and comparisons alone, so that it
+    also traces when torch.compile made p symbolic.
     """
     if p >= 1.0:
         return n
     exact = p * n
-    nearest = round(exact)
-    if math.isclose(exact, nearest, rel_tol=1e-12, abs_tol=1e-9):
-        k = nearest
-    else:
-        k = math.ceil(exact) if rounding == "ceil" else math.floor(exact)
+    tol = 1e-9 + 1e-12 * exact
+    k = math.ceil(exact - tol) if rounding == "ceil" else math.floor(exact + tol)
     return min(max(k, 1), n)
 
 
@@ -72,15 +71,19 @@ def default_eps(dtype: torch.dtype) -> float:
 
 
 def normalized_tuple(normalized_shape: int | Sequence[int] | torch.Size) -> tuple[int, ...]:
+    """An int or a sequence of ints (torch.Size, list, tuple) -> tuple of sizes >= 0; nothing else."""
+    what = f"normalized_shape must be an int or a sequence of ints, got {normalized_shape!r}"
+    if isinstance(normalized_shape, (str, bytes)):
+        raise TypeError(what)
     try:
-        shape = (int(normalized_shape),) if isinstance(normalized_shape, int) else tuple(
-            int(s) for s in normalized_shape)
+        if isinstance(normalized_shape, Sequence) or isinstance(normalized_shape, torch.Size):
+            shape = tuple(operator.index(s) for s in normalized_shape)
+        else:
+            shape = (operator.index(normalized_shape),)
     except TypeError:
-        raise TypeError(
-            f"normalized_shape must be an int or a sequence of ints, got {type(normalized_shape).__name__}"
-        ) from None
-    if not shape or any(s < 1 for s in shape):
-        raise ValueError(f"normalized_shape must be non-empty with positive sizes, got {shape}")
+        raise TypeError(what) from None
+    if not shape or any(s < 0 for s in shape):
+        raise ValueError(f"normalized_shape must be non-empty with sizes >= 0, got {shape}")
     return shape
 
 
@@ -93,21 +96,26 @@ def _check_float_tensor(name: str, t: object) -> None:
 
 def check_options(eps: float | None, eps_mode: str, p: float, partial_rounding: str, offset: float,
                   cast: str) -> None:
-    """Validate the scalar options (shared by the functional API and the module constructor)."""
+    """Validate the scalar options (shared by the functional API and the module constructor).
+
+    Only comparisons, no math.* calls: under torch.compile(dynamic=True) the floats may be symbolic, and a
+    comparison is something the compiler can guard on.
+    """
     if eps is not None:
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, torch.SymFloat, torch.SymInt)):
             raise TypeError(f"eps must be a float or None, got {type(eps).__name__}")
-        if not eps >= 0.0 or math.isinf(eps):  # also rejects NaN
+        if not 0.0 <= eps < math.inf:  # also rejects NaN
             raise ValueError(f"eps must be a finite number >= 0, got {eps}")
     if eps_mode not in EPS_MODES:
         raise ValueError(f"eps_mode must be one of {EPS_MODES}, got {eps_mode!r}")
-    if isinstance(p, bool) or not isinstance(p, (int, float)):
+    if isinstance(p, bool) or not isinstance(p, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"p must be a float in (0, 1], got {type(p).__name__}")
     if not 0.0 < p <= 1.0:  # also rejects NaN
         raise ValueError(f"p must be in (0, 1], got {p}")
     if partial_rounding not in ROUNDINGS:
         raise ValueError(f"partial_rounding must be one of {ROUNDINGS}, got {partial_rounding!r}")
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+    if (isinstance(offset, bool) or not isinstance(offset, (int, float, torch.SymFloat, torch.SymInt))
+            or not -math.inf < offset < math.inf):
         raise TypeError(f"offset must be a finite float, got {offset!r}")
     if cast not in CASTS:
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")

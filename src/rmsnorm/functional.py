@@ -9,7 +9,6 @@ from torch import Tensor
 
 from . import args as _args
 from .args import Params
-from .backends import registry
 from .ops import run
 
 
@@ -42,14 +41,14 @@ def rms_norm(
     (torch.nn.RMSNorm); ``cast="llama"`` rounds h/r to h's dtype before the gain (Hugging Face Llama).
 
     The normalized shape is ``normalized_shape``, else weight's (or bias's) shape, else ``x.shape[-1:]``.
-    eps=None takes torch's default (machine epsilon of the fp32/fp64 compute dtype).
+    The default eps=1e-6 differs from :class:`rmsnorm.RMSNorm`'s eps=None (torch.nn.RMSNorm's default);
+    eps=None takes torch's default here too (machine epsilon of the fp32/fp64 compute dtype).
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
     nd, prm, out_dtype = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding,
                                  offset, cast, out_dtype)
-    be = registry.select(backend, x, residual, out_dtype)
-    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, be)
+    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, backend)
     return (y, h) if residual is not None else y
 
 

@@ -21,6 +21,10 @@ class RMSNorm(nn.Module):
     first ceil(p*N) elements (pRMSNorm). The gain is initialised so that ``weight + offset == 1``.
     ``forward(x, residual=None)`` returns y, or (y, x + residual) when a residual is given. ``out_dtype``
     fixes the output dtype (default: the input's, or with cast="llama" its promotion with the gain's).
+    ``backend`` names the backend every call uses (None: the automatic choice, or $RMSNORM_BACKEND).
+
+    Defaults differ from :func:`rmsnorm.rms_norm` on purpose: the module's ``eps=None`` is torch.nn.RMSNorm's
+    (machine epsilon of the fp32/fp64 compute dtype), the function's default is ``eps=1e-6``.
     """
 
     def __init__(
@@ -28,6 +32,8 @@ class RMSNorm(nn.Module):
         normalized_shape: int | Sequence[int] | torch.Size,
         eps: float | None = None,
         elementwise_affine: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
         *,
         bias: bool = False,
         p: float = 1.0,
@@ -36,11 +42,13 @@ class RMSNorm(nn.Module):
         offset: float = 0.0,
         cast: str = "fp32",
         out_dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        backend: str | None = None,
     ) -> None:
         super().__init__()
         _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
+        if backend is not None:
+            registry.get(backend)  # an unknown name fails here, not at the first call
+        self.backend = backend
         if offset != 0.0 and not elementwise_affine:
             raise ValueError("offset applies to the gain: it needs elementwise_affine=True")
         self.normalized_shape = _args.normalized_tuple(normalized_shape)
@@ -96,10 +104,11 @@ class RMSNorm(nn.Module):
                                            self.partial_rounding, self.offset, self.cast, self.out_dtype)
             nd, prm, out_dtype = hit
             if x.dim() >= nd and x.shape[x.dim() - nd:] == self.normalized_shape:
-                return run(x, w, b, None, nd, prm, out_dtype, registry.select(None, x, None, out_dtype))[0]
+                return run(x, w, b, None, nd, prm, out_dtype, self.backend)[0]
         return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
                         partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
-                        cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape)
+                        cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape,
+                        backend=self.backend)
 
     def extra_repr(self) -> str:
         parts = [f"{self.normalized_shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]
@@ -115,6 +124,8 @@ class RMSNorm(nn.Module):
             parts.append(f"cast={self.cast!r}")
         if self.out_dtype is not None:
             parts.append(f"out_dtype={self.out_dtype}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
         return ", ".join(parts)
 
     @classmethod

@@ -1,12 +1,25 @@
-"""The autograd / custom-op layer.
+"""The autograd / custom-op layer: where each call goes.
 
-Two torch.library custom ops, ``rmsnorm::forward`` and ``rmsnorm::backward``, with fake (meta)
-implementations and registered autograd, so that torch.compile(fullgraph=True) and torch.export see one
-opaque node per norm. In eager mode the same kernels are called through a ``torch.autograd.Function``
-(or directly when no gradient is needed): the custom-op dispatcher costs about 15 µs a call, more than a
-small norm takes.
+Dispatch table of :func:`run` (first match wins):
 
-Both ops work on tensors of the caller's shape ``(*batch, *normalized_shape)`` and reshape to rows
+============================================  =========================================================
+the call                                      route
+============================================  =========================================================
+jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite` (plain differentiable torch ops)
+transforms, rows of zero elements
+torch.compile / torch.export / tensor          the custom op ``rmsnorm::forward`` (autograd registered;
+subclasses (DTensor)                           backend chosen when the op runs, not while tracing)
+no gradient needed                             ``backend.forward`` (the kernel, nothing recorded)
+gradient needed                                ``backend.autograd`` (cpu: a C++ autograd::Function) or
+                                               :class:`KernelFunction` (Python autograd.Function)
+============================================  =========================================================
+
+Every backward that runs with ``create_graph=True`` computes its gradients with the differentiable
+decomposition (:func:`rmsnorm.composite.input_grads`), so higher derivatives are exact on every route;
+first-order backwards stay on the fused kernels. The custom-op dispatcher costs about 15 µs a call, more
+than a small norm takes, hence the eager routes.
+
+Both custom ops work on tensors of the caller's shape ``(*batch, *normalized_shape)`` and reshape to rows
 internally, so that tensor subclasses (DTensor) see the original shape and layout.
 """
 
@@ -15,22 +28,29 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from . import composite
 from .args import Params, compute_dtype
 from .backends import registry
+
+
+def _backend(name: str, x: Tensor, residual: Tensor | None, out_dtype: torch.dtype) -> registry.Backend:
+    """The custom ops carry the backend the caller named, or "" for the automatic choice at run time."""
+    return registry.select(name or None, x, residual, out_dtype)
 
 
 def forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
                  nd: int, prm: Params, out_dtype: torch.dtype, backend: str
                  ) -> tuple[Tensor, Tensor | None, Tensor]:
     """One backend's forward on x of shape (*batch, *normalized): (y, h | None, rstd)."""
-    return registry.get(backend).forward(x, weight, bias, residual, nd, prm, out_dtype)
+    return _backend(backend, x, residual, out_dtype).forward(x, weight, bias, residual, nd, prm, out_dtype)
 
 
 def backward_impl(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
                   rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool, backend: str
                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients (d h in h's dtype, dw in weight's dtype | None, db in bias's dtype | None)."""
-    return registry.get(backend).backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db)
+    be = registry.get(backend) if backend else _backend("", h, None, dy.dtype)
+    return be.backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db)
 
 
 # -------------------------------------------------------------------------------------- custom ops
@@ -75,21 +95,26 @@ def _backward_fake(dy, dh, h, weight, bias, rstd, normalized_ndim, k, eps, eps_o
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, _out_dtype, backend = inputs
+    x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype, backend = inputs
     _, h, rstd = output
-    _save(ctx, x, weight, bias, residual, h, rstd, nd, Params(k, eps, eps_outside, offset, llama), backend)
+    _save(ctx, x, weight, bias, residual, h, rstd, nd, Params(k, eps, eps_outside, offset, llama), backend,
+          out_dtype)
 
 
-def _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend) -> None:
+def _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend, out_dtype) -> None:
     ctx.save_for_backward(h if residual is not None else x, weight, bias, rstd)
     ctx.x_dtype = x.dtype
     ctx.has_residual = residual is not None
-    ctx.nd, ctx.prm, ctx.backend = nd, prm, backend
+    ctx.nd, ctx.prm, ctx.backend, ctx.out_dtype = nd, prm, backend, out_dtype
 
 
 def _input_grads(ctx, dy: Tensor | None, dh: Tensor | None, bwd) -> tuple:
-    """Gradients for (x, weight, bias, residual) from the saved context and a backward callable."""
+    """Gradients for (x, weight, bias, residual) from the saved context and a backward callable; with
+    create_graph=True (grad mode on inside the backward), from the differentiable decomposition."""
     h, weight, bias, rstd = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        return composite.input_grads(dy, dh, h, weight, bias, ctx.nd, ctx.prm, ctx.out_dtype, ctx.x_dtype,
+                                     tuple(ctx.needs_input_grad[:4]), ctx.has_residual)
     if dy is None:
         dy = torch.zeros_like(h)
     dh = dh if ctx.has_residual else None
@@ -116,13 +141,13 @@ forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------- eager autograd
 
 
-class RMSNormFunction(torch.autograd.Function):
-    """Eager-mode autograd over the backend kernels (same math and saved state as the custom op)."""
+class KernelFunction(torch.autograd.Function):
+    """Eager-mode autograd over a backend's kernels (same math and saved state as the custom op)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, nd, prm, out_dtype, backend):
-        y, h, rstd = forward_impl(x, weight, bias, residual, nd, prm, out_dtype, backend)
-        _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend)
+        y, h, rstd = registry.get(backend).forward(x, weight, bias, residual, nd, prm, out_dtype)
+        _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend, out_dtype)
         ctx.set_materialize_grads(False)
         if h is None:
             return y
@@ -134,26 +159,40 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, dw, db, dres, None, None, None, None
 
 
+def _decomposed(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> bool:
+    """Calls the kernels cannot serve: jit tracing (and the legacy ONNX exporter), torch.func transforms."""
+    return torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+
+
 def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-        prm: Params, out_dtype: torch.dtype, backend: registry.Backend) -> tuple[Tensor, Tensor | None]:
-    """Route one call: custom op when tracing or for tensor subclasses, else the eager fast path."""
+        prm: Params, out_dtype: torch.dtype, backend: str | None) -> tuple[Tensor, Tensor | None]:
+    """Route one checked call (see the table in the module docstring); ``backend`` as the user named it."""
     if type(x) is not Tensor or torch.compiler.is_compiling():
+        if prm.k == 0 or torch.onnx.is_in_onnx_export():
+            return composite.forward(x, weight, bias, residual, nd, prm, out_dtype)
         if type(x).__name__ == "DTensor":
             from .distributed import register_dtensor_rules
 
             register_dtensor_rules()
         y, h, _ = forward_op(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside, prm.offset,
-                             prm.llama, out_dtype, backend.name)
+                             prm.llama, out_dtype, backend or "")
         return y, (h if residual is not None else None)
+    if prm.k == 0 or _decomposed(x, weight, bias, residual):
+        return composite.forward(x, weight, bias, residual, nd, prm, out_dtype)
+    be = registry.select(backend, x, residual, out_dtype)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
         or (bias is not None and bias.requires_grad)
         or (residual is not None and residual.requires_grad)
     ):
-        if backend.autograd is not None:
-            return backend.autograd(x, weight, bias, residual, nd, prm, out_dtype)
-        out = RMSNormFunction.apply(x, weight, bias, residual, nd, prm, out_dtype, backend.name)
+        if x.is_inference() or (residual is not None and residual.is_inference()):
+            # an inference-mode tensor cannot be saved for backward; torch's module accepts it, so do we
+            x = x.clone()
+            residual = residual.clone() if residual is not None else None
+        if be.autograd is not None:
+            return be.autograd(x, weight, bias, residual, nd, prm, out_dtype)
+        out = KernelFunction.apply(x, weight, bias, residual, nd, prm, out_dtype, be.name)
         return out if residual is not None else (out, None)
-    y, h, _ = backend.forward(x, weight, bias, residual, nd, prm, out_dtype)
+    y, h, _ = be.forward(x, weight, bias, residual, nd, prm, out_dtype)
     return y, h

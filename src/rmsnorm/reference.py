@@ -26,9 +26,11 @@ from .args import Params, compute_dtype
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype
+            residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype,
+            out: tuple[torch.Tensor, torch.Tensor | None] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Rows (M, N) -> (y, h or None, rstd). h = x + residual rounded to residual's dtype is what is normalized."""
+    """Rows (M, N) -> (y, h or None, rstd). h = x + residual rounded to residual's dtype is what is normalized.
+    ``out``: (y, h) tensors to write into (as the fused backends do)."""
     if residual is not None:
         cd = compute_dtype(residual.dtype)
         h = (x.to(cd) + residual.to(cd)).to(residual.dtype)
@@ -45,7 +47,12 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         xhat = xhat * (weight.to(cd) + prm.offset)
     if bias is not None:
         xhat = xhat + bias.to(cd)
-    return xhat.to(out_dtype), (h if residual is not None else None), rstd
+    y = xhat.to(out_dtype)
+    if out is not None:
+        y = out[0].copy_(y)
+        if residual is not None and out[1] is not None:
+            h = out[1].copy_(h)
+    return y, (h if residual is not None else None), rstd
 
 
 def backward(dy: torch.Tensor, dh_out: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,

@@ -6,8 +6,9 @@ Backend interface (N-D, what :mod:`rmsnorm.ops` calls):
     backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db) -> (dh, dw | None, db | None)
 
 y and h have x's shape, rstd the batch shape; dw/db come in the parameters' dtype and shape.
-Row kernels (:mod:`rmsnorm.reference`, the Triton launchers) see (M, N) views with contiguous rows and
-return dw/db in fp32.
+Row kernels (:mod:`rmsnorm.reference`, the Triton launchers) see (M, N) views with contiguous rows, write
+y and h into (M, N) views of outputs allocated here in the caller's shape (so that no output is a view of
+a tensor made inside autograd: in-place ops on y stay legal), and return dw/db in fp32.
 """
 
 from __future__ import annotations
@@ -38,8 +39,11 @@ def nd_forward(row_forward: Callable) -> Callable:
                 prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
         n = math.prod(x.shape[x.dim() - nd:])
         res = as_rows(residual, n) if residual is not None else None
-        y, h, rstd = row_forward(as_rows(x, n), _flat(weight, n), _flat(bias, n), res, prm, out_dtype)
-        return y.view(x.shape), (None if h is None else h.view(x.shape)), rstd.view(x.shape[: x.dim() - nd])
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        h = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else None
+        out = (y.view(-1, n), None if h is None else h.view(-1, n))
+        _, _, rstd = row_forward(as_rows(x, n), _flat(weight, n), _flat(bias, n), res, prm, out_dtype, out)
+        return y, h, rstd.view(x.shape[: x.dim() - nd])
 
     return forward
 

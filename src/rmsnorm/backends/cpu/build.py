@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
-ABI_VERSION = 2  # bump when the module's functions change
+ABI_VERSION = 3  # bump when the module's functions change
 
 # Compile flags per torch CPU capability; ATen's Vectorized<> picks its implementation from the macros.
 _FLAGS = {
@@ -86,6 +86,9 @@ def load():
         # -fopenmp: at::parallel_for is inline OpenMP code; the library then shares torch's libgomp.so.1.
         mod = cpp_load(name=name, sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags()],
                        extra_ldflags=["-fopenmp"], verbose=False)
+        from ... import composite
+
+        mod.set_graph_backward(composite.graph_backward)
         _state["path"] = mod.__file__
         _state["module"] = mod
         return mod

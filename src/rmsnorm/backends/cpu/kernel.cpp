@@ -537,8 +537,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   return {dx, finish(pw, weight), finish(pb, bias)};
 }
 
+// A backward with create_graph=True (grad mode on inside it) needs gradients that are themselves
+// differentiable: it calls back into Python (rmsnorm.composite.input_grads via set_graph_backward).
+py::object* g_graph_backward = nullptr;
+
+void set_graph_backward(py::object f) {
+  if (g_graph_backward == nullptr) g_graph_backward = new py::object();  // never freed: outlives Python
+  *g_graph_backward = std::move(f);
+}
+
 // Eager autograd in C++: the backward runs without Python, which is most of the cost of small calls.
-struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
+struct KernelFunction : public torch::autograd::Function<KernelFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t nd, int64_t k,
@@ -568,6 +577,29 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     auto saved = ctx->get_saved_variables();
     const at::Tensor& h = saved[0];
     const bool res = ctx->saved_data["res"].toBool();
+    // needs_input_grad counts only the tensors that were given (an absent optional has no edge)
+    bool needs[4] = {false, false, false, false};
+    for (size_t i = 0, edge = 0; i < 4; ++i) {
+      const bool given = i == 0 || (i < 3 ? saved[i].defined() : res);
+      if (given) needs[i] = ctx->needs_input_grad(edge++);
+    }
+    if (at::GradMode::is_enabled()) {
+      TORCH_CHECK(g_graph_backward != nullptr, "rmsnorm cpu: no differentiable backward registered");
+      py::gil_scoped_acquire gil;
+      auto opt = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+      py::tuple need = py::make_tuple(needs[0], needs[1], needs[2], needs[3]);
+      py::tuple out = (*g_graph_backward)(
+          opt(grads[0]), res && grads.size() > 1 ? opt(grads[1]) : py::none(), h, opt(saved[1]), opt(saved[2]),
+          ctx->saved_data["nd"].toInt(), ctx->saved_data["k"].toInt(), ctx->saved_data["eps"].toDouble(),
+          ctx->saved_data["eps_outside"].toBool(), ctx->saved_data["offset"].toDouble(),
+          ctx->saved_data["llama"].toBool(), static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt()),
+          static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), need, res);
+      torch::autograd::variable_list result(13);
+      for (size_t i = 0; i < 4; ++i) {
+        if (!out[i].is_none()) result[i] = out[i].cast<at::Tensor>();
+      }
+      return result;
+    }
     at::Tensor dy = grads[0];
     if (!dy.defined()) {
       dy = at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt())));
@@ -577,8 +609,8 @@ struct RMSNormFunction : public torch::autograd::Function<RMSNormFunction> {
     std::optional<at::Tensor> weight, bias;
     if (saved[1].defined()) weight = saved[1];
     if (saved[2].defined()) bias = saved[2];
-    const bool need_dw = weight.has_value() && ctx->needs_input_grad(1);
-    const bool need_db = bias.has_value() && ctx->needs_input_grad(2);
+    const bool need_dw = weight.has_value() && needs[1];
+    const bool need_db = bias.has_value() && needs[2];
     auto [dgrad, dw, db] = ::backward(
         dy, dh, h, weight, bias, saved[3], ctx->saved_data["nd"].toInt(), ctx->saved_data["k"].toInt(),
         ctx->saved_data["eps"].toDouble(), ctx->saved_data["eps_outside"].toBool(),
@@ -595,7 +627,7 @@ torch::autograd::variable_list forward_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside, double offset,
     bool llama, at::ScalarType out_dtype, int64_t blocks, bool stream) {
-  return RMSNormFunction::apply(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
+  return KernelFunction::apply(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
                                 blocks, stream);
 }
 
@@ -606,4 +638,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("forward", &forward, "RMSNorm forward -> (y, h, rstd)");
   m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
   m.def("forward_autograd", &forward_autograd, "RMSNorm forward recorded for autograd -> [y] or [y, h]");
+  m.def("set_graph_backward", &set_graph_backward, "the differentiable backward used with create_graph=True");
 }

@@ -32,10 +32,10 @@ def _check_available() -> str | None:
     return None
 
 
-def _row_forward(x, weight, bias, residual, prm, out_dtype):
+def _row_forward(x, weight, bias, residual, prm, out_dtype, out=None):
     from .launch import forward
 
-    return forward(x, weight, bias, residual, prm, out_dtype)
+    return forward(x, weight, bias, residual, prm, out_dtype, out)
 
 
 def _row_backward(dy, dh, h, weight, rstd, prm, need_dw, need_db):

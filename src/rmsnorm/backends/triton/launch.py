@@ -58,11 +58,15 @@ def team_grid(compiled, num_warps: int, sms: int, g: int, rows: int, device: tor
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype, config: FwdConfig | None = None
-            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+            residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype, out: tuple | None = None,
+            config: FwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(y, h, rstd) of (M, N) rows; ``out``: contiguous (M, N) tensors (y, h | None) to write into."""
     m, n = x.shape
-    y = torch.empty((m, n), dtype=out_dtype, device=x.device)
-    h = torch.empty((m, n), dtype=residual.dtype, device=x.device) if residual is not None else None
+    if out is not None:
+        y, h = out
+    else:
+        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        h = torch.empty((m, n), dtype=residual.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
         return y, h, rstd

@@ -1,0 +1,120 @@
+"""RMSNorm as plain, differentiable torch ops: the decomposition used where the fused kernels cannot go.
+
+Same math as :mod:`rmsnorm.reference` (statistics in fp32, fp64 for fp64), but every step is an
+autograd-visible torch op, so it serves the paths that need a graph rather than a kernel:
+
+- second derivatives: a backward run with ``create_graph=True`` recomputes the first derivatives from
+  this decomposition (:func:`input_grads`), so double backward, Hessian-vector products and gradient
+  penalties are exact on every backend;
+- ``torch.func`` transforms (vmap, grad, jacrev, jvp, ...), ``torch.jit.trace`` and ONNX export, which
+  trace or batch ops rather than call kernels (:func:`forward`);
+- rows of zero elements (an empty normalized shape), where there is nothing to launch.
+
+Where the options are exactly torch's (p = 1, eps inside the root, no offset or bias, fp32 numerics, the
+input's dtype out) the norm is ``F.rms_norm`` itself, so torch.export sees ``aten::rms_norm`` (the dynamo
+ONNX exporter: RMSNormalization from opset 23); jit tracing always gets the decomposition.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .args import Params, compute_dtype
+
+
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
+            prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """(y, h | None) for x of shape (*batch, *normalized); ``nd`` trailing dims are normalized."""
+    if residual is not None:
+        cd = compute_dtype(residual.dtype)
+        h = (x.to(cd) + residual.to(cd)).to(residual.dtype)
+    else:
+        h = x
+    return normalize(h, weight, bias, nd, prm, out_dtype), (h if residual is not None else None)
+
+
+def _is_torch_rms_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, nd: int, prm: Params,
+                       out_dtype: torch.dtype) -> bool:
+    n = 1
+    for s in h.shape[h.dim() - nd:]:
+        n *= s
+    # the TorchScript-based ONNX exporter has no aten::rms_norm: jit tracing gets the decomposition
+    return (torch._C._get_tracing_state() is None and prm.k == n and n > 0 and not prm.eps_outside and prm.offset == 0.0 and not prm.llama and bias is None
+            and out_dtype == h.dtype and (weight is None or weight.dtype == h.dtype))
+
+
+def normalize(h: Tensor, weight: Tensor | None, bias: Tensor | None, nd: int, prm: Params,
+              out_dtype: torch.dtype) -> Tensor:
+    """y = h / r * (weight + offset) + bias, r over the first k elements of each flattened row."""
+    if _is_torch_rms_norm(h, weight, bias, nd, prm, out_dtype):
+        return F.rms_norm(h, tuple(h.shape[h.dim() - nd:]), weight, prm.eps)
+    cd = compute_dtype(h.dtype)
+    hf = h.to(cd)
+    flat = hf.flatten(hf.dim() - nd) if nd > 1 else hf
+    n = flat.shape[-1]
+    head = flat if prm.k >= n else flat[..., : prm.k]
+    ms = head.square().mean(-1, keepdim=True)
+    if prm.eps_outside:
+        # sqrt'(0) is infinite: the subgradient 0 at an all-zero prefix, as the kernels use
+        pos = ms > 0
+        root = torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos
+        xhat = flat / (root + prm.eps)
+    else:
+        xhat = flat * torch.rsqrt(ms + prm.eps)
+    if prm.llama:
+        xhat = xhat.to(h.dtype).to(cd)
+    xhat = xhat.view(hf.shape) if nd > 1 else xhat
+    if weight is not None:
+        xhat = xhat * (weight.to(cd) + prm.offset)
+    if bias is not None:
+        xhat = xhat + bias.to(cd)
+    return xhat.to(out_dtype)
+
+
+def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
+                nd: int, prm: Params, out_dtype: torch.dtype, x_dtype: torch.dtype,
+                needs: tuple[bool, bool, bool, bool], has_residual: bool
+                ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients for (x, weight, bias, residual) as differentiable ops of the saved h, weight and bias: what
+    a backward computes when it runs with ``create_graph=True`` (higher derivatives then flow through it).
+
+    ``h`` is the normalized tensor the forward saved (x, or x + residual); ``needs`` says which inputs
+    want a gradient; dy (or dh) may be None when that output got no gradient.
+    """
+    need_h = needs[0] or needs[3]
+    need_w = needs[1] and weight is not None
+    need_b = needs[2] and bias is not None
+    with torch.enable_grad():
+        hh = h if (h.requires_grad or not need_h) else h.detach().requires_grad_(True)
+        wrt = [t for t, need in ((hh, need_h), (weight, need_w), (bias, need_b)) if need]
+        grads: list[Tensor | None] = [None] * len(wrt)
+        if dy is not None and wrt:
+            y = normalize(hh, weight, bias, nd, prm, out_dtype)
+            grads = list(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
+    it = iter(grads)
+    gh = next(it) if need_h else None
+    gw = next(it) if need_w else None
+    gb = next(it) if need_b else None
+    if need_h:
+        if gh is None:
+            gh = torch.zeros_like(h)
+        if has_residual and dh is not None:
+            gh = gh + dh.to(h.dtype)
+    if gw is None and need_w:
+        gw = torch.zeros_like(weight)
+    if gb is None and need_b:
+        gb = torch.zeros_like(bias)
+    dx = None if gh is None or not needs[0] else (gh if gh.dtype == x_dtype else gh.to(x_dtype))
+    dres = gh if (needs[3] and has_residual) else None
+    return dx, gw, gb, dres
+
+
+def graph_backward(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
+                   nd: int, k: int, eps: float, eps_outside: bool, offset: float, llama: bool,
+                   out_dtype: torch.dtype, x_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool],
+                   has_residual: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`input_grads` with the kernel options as scalars: what the C++ autograd node calls back."""
+    return input_grads(dy, dh, h, weight, bias, nd, Params(k, eps, eps_outside, offset, llama), out_dtype, x_dtype,
+                       needs, has_residual)
