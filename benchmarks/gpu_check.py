@@ -197,7 +197,7 @@ def llama_block(out: Path, deadline: float, tokens: int = 8192, hidden: int = 40
 
 def kernel_level(out: Path) -> list[str]:
     """The kernels alone (launch.forward; launch.backward = dx + dW with its reduction), no autograd, round-robin
-    with the copy: the GPU issue's bars are about these."""
+    with the copy: the GPU targets of docs/benchmarks/gpu.md are about these."""
     from rmsnorm.args import Params
     from rmsnorm.backends.triton import launch
     from rmsnorm.bench.timing import measure_group
@@ -347,7 +347,7 @@ def main() -> int:
                 fh.write(json.dumps(r) + "\n")
         text = report.markdown(meta, results)
         bars = gpu_bars(results)
-        (args.out / "report.md").write_text(text + "\n### Bars (GPU issue, bf16)\n\n" + "\n".join(
+        (args.out / "report.md").write_text(text + "\n### GPU targets (docs/benchmarks/gpu.md), bf16\n\n" + "\n".join(
             f"- {b}" for b in bars) + "\n")
         report.plot(results, args.out / "gbps.png", title=f"{card}, torch {torch.__version__}")
         print(summary(results), flush=True)

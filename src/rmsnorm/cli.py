@@ -1,10 +1,12 @@
-"""The ``rmsnorm`` command: ``info``, ``bench``, ``reproduce``."""
+"""The ``rmsnorm`` command: ``info``, ``build``, ``bench``, ``reproduce``, ``data``."""
 
 from __future__ import annotations
 
 import argparse
 import platform
 import sys
+
+from .cli_args import Parser, run_command
 
 
 def _info(_: argparse.Namespace) -> int:
@@ -28,9 +30,14 @@ def _info(_: argparse.Namespace) -> int:
         print(f"triton {triton.__version__}")
     except ImportError:
         print("triton not installed")
+    from rmsnorm.backends import registry
+
+    env, why = registry.env_default()
+    if env is not None:
+        print(f"{registry.ENV_VAR}={env}" + (f"  (unusable: {why})" if why else "  (the default backend)"))
     print("backends (best first):")
     for b in rmsnorm.backends():
-        state = "available" if b.available else f"unavailable: {b.reason.splitlines()[0][:200]}"
+        state = "available" if b.available else f"unavailable: {b.reason}"
         print(f"  {b.name:<10} {state}")
         print(f"  {'':<10} devices {', '.join(b.devices)}; dtypes {', '.join(b.dtypes)}; {b.description}")
     print(f"cpu kernels: {build.status()}")
@@ -41,10 +48,27 @@ def _info(_: argparse.Namespace) -> int:
     return 0
 
 
+def _build(args: argparse.Namespace) -> int:
+    from rmsnorm.backends.cpu import build
+
+    try:
+        build.load(force=args.force)
+    except build.BuildError as exc:
+        print(f"rmsnorm build: {exc}", file=sys.stderr)
+        return 1
+    print(f"rmsnorm build: CPU kernels ready: {build.status()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rmsnorm", description=__doc__)
+    parser = Parser(prog="rmsnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, backends and why any is unavailable").set_defaults(fn=_info)
+    p = sub.add_parser("build", help="compile the fused CPU kernels now (else on first use), or say why not",
+                       description="Compiles the CPU kernels into the cache (about 30-60 s on 2 cores), so that no "
+                                   "later process compiles on its first call; retries a remembered failure.")
+    p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
+    p.set_defaults(fn=_build)
     from .bench.cli import add_parser as add_bench
     from .reproduce.cli import add_data_parser
     from .reproduce.cli import add_parser as add_reproduce
@@ -57,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.fn(args)
+    return run_command(f"rmsnorm {args.command}", args.fn, args)
 
 
 if __name__ == "__main__":

@@ -86,6 +86,16 @@ def get(name: str) -> Backend:
         raise ValueError(f"backend must be one of {sorted(_REGISTRY)} or None, got {name!r}") from None
 
 
+def env_default() -> tuple[str | None, str | None]:
+    """($RMSNORM_BACKEND as read at import, why it is unusable or None) for ``rmsnorm info``."""
+    name = _DEFAULT[0]
+    if name is None:
+        return None, None
+    if name not in _REGISTRY:
+        return name, f"not a backend (choose one of {sorted(_REGISTRY)}, or unset it)"
+    return name, _REGISTRY[name].unavailable_reason()
+
+
 def _availability(be: Backend) -> str | None:
     if be.name not in _AVAILABLE:
         with _LOCK:
@@ -93,7 +103,7 @@ def _availability(be: Backend) -> str | None:
                 try:
                     _AVAILABLE[be.name] = be.check_available()
                 except Exception as exc:  # a broken toolchain must not break import or selection
-                    _AVAILABLE[be.name] = f"{type(exc).__name__}: {exc}"
+                    _AVAILABLE[be.name] = str(exc) or type(exc).__name__
     return _AVAILABLE[be.name]
 
 
@@ -130,6 +140,8 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
     if be is not None and (be.limits is None or be.limits(x) is None):
         return be
     if name is not None:
+        if source == ENV_VAR and name not in _REGISTRY:
+            raise ValueError(f"{ENV_VAR}={name!r} is not a backend: choose one of {sorted(_REGISTRY)}, or unset it")
         be = get(name)
         why = be.unavailable_reason()
         if why is not None:
@@ -155,7 +167,7 @@ def _auto(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype
             if skipped and skipped[0] not in _WARNED:
                 _WARNED.add(skipped[0])
                 warnings.warn(f"rmsnorm: the {skipped[0]} backend is unavailable ({skipped[1]}); "
-                              f"using the slower {be.name} backend", RuntimeWarning, stacklevel=4)
+                              f"using the slower {be.name} backend", RuntimeWarning, stacklevel=5)
             return be
         if not skipped:
             skipped = [be.name, why]

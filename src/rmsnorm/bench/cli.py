@@ -8,29 +8,48 @@ import sys
 import time
 from pathlib import Path
 
+from ..cli_args import choices_list, device, positive_float, positive_int, writable_dir
 from .alloc import allocator, rerun_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
 from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+def _shapes(text: str) -> list[tuple[int, int]]:
+    try:
+        return parse_shapes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("bench", help="time rmsnorm against torch and the copy roofline",
                        description="Times providers over shapes, dtypes and modes; writes JSONL, CSV, Markdown, PNG.")
-    p.add_argument("--shapes", type=parse_shapes, default=None,
-                   help="MxN list, e.g. 4096x1024,64x512 (default: latency cases + the issue's bar shapes)")
-    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma list of {sorted(DTYPES)}")
-    p.add_argument("--modes", default="fwd,bwd,fwd+bwd", help="comma list of fwd, bwd, fwd+bwd")
-    p.add_argument("--providers", default=",".join(DEFAULT_PROVIDERS),
+    p.add_argument("--shapes", type=_shapes, default=None,
+                   help="MxN list, e.g. 4096x1024,64x512 (default: the latency cases and the CPU target shapes "
+                        "of docs/benchmarks/cpu.md)")
+    p.add_argument("--dtypes", type=choices_list(DTYPES, "dtype"), default="fp32,bf16",
+                   help=f"comma list of {', '.join(DTYPES)}")
+    p.add_argument("--modes", type=choices_list(MODES, "mode"), default="fwd,bwd,fwd+bwd",
+                   help="comma list of fwd, bwd, fwd+bwd")
+    p.add_argument("--providers", type=choices_list(registry(), "provider"), default=",".join(DEFAULT_PROVIDERS),
                    help="comma list; available: " + ", ".join(registry()))
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available, else cpu)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    p.add_argument("--samples", type=int, default=10, help="timed samples per cell (at least 5 are taken)")
-    p.add_argument("--budget", type=float, default=0.5, help="seconds of sampling per cell")
+    p.add_argument("--device", type=device, default=None, help="cpu or cuda (default: cuda if available, else cpu)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--samples", type=positive_int, default=10, help="timed samples per cell (at least 5 are taken)")
+    p.add_argument("--budget", type=positive_float, default=0.5, help="seconds of sampling per cell")
     p.add_argument("--allocator", choices=["current", "tcmalloc"], default="current",
                    help="tcmalloc: re-run under LD_PRELOAD tcmalloc so no provider pays glibc's page faults")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default bench-results/<time>-<device>)")
+    p.add_argument("--out", type=writable_dir, default=None,
+                   help="output folder (default bench-results/<time>-<device>)")
     p.add_argument("--no-plot", action="store_true")
     p.set_defaults(fn=main)
+
+
+def _listed(value, allowed, what: str) -> list[str]:
+    """argparse applies ``type`` to string defaults too; a list passed programmatically is checked here."""
+    return value if isinstance(value, list) else choices_list(allowed, what)(value)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -43,18 +62,11 @@ def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtypes = [d.strip() for d in args.dtypes.split(",")]
-    bad = [d for d in dtypes if d not in DTYPES]
-    if bad:
-        raise SystemExit(f"rmsnorm bench: unknown dtypes {bad}; choose from {sorted(DTYPES)}")
-    modes = [m.strip() for m in args.modes.split(",")]
-    if any(m not in ("fwd", "bwd", "fwd+bwd") for m in modes):
-        raise SystemExit(f"rmsnorm bench: modes must be fwd, bwd, fwd+bwd; got {modes}")
+    dtypes, modes = _listed(args.dtypes, DTYPES, "dtype"), _listed(args.modes, MODES, "mode")
+    providers = _listed(args.providers, registry(), "provider")
     cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
-                      providers=[p.strip() for p in args.providers.split(",") if p.strip()], device=device,
-                      samples=args.samples, budget_s=args.budget)
-    out = args.out or Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}"
-    out.mkdir(parents=True, exist_ok=True)
+                      providers=providers, device=device, samples=args.samples, budget_s=args.budget)
+    out = args.out or writable_dir(str(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}"))
     command = "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
         "rmsnorm bench"
     t0 = time.time()
@@ -67,7 +79,7 @@ def main(args: argparse.Namespace) -> int:
     if device == "cpu":
         bars = report.cpu_bars(results)
         if bars:
-            text += "\n### Bars (CPU issue)\n\n" + report.bars_markdown(bars)
+            text += "\n### CPU targets (docs/benchmarks/cpu.md)\n\n" + report.bars_markdown(bars)
     (out / "report.md").write_text(text)
     if not args.no_plot:
         report.plot(results, out / "gbps.png", title=f"{meta['machine']}, {meta['threads']} threads, "

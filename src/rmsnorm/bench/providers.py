@@ -26,7 +26,7 @@ class Case:
     mode: str  # "fwd", "bwd" or "fwd+bwd"
 
     def bytes_moved(self) -> int:
-        """anchors.md convention: fwd reads x, writes y; bwd reads x and dy, writes dx."""
+        """Bytes moved (docs/benchmarks/README.md): fwd reads x, writes y; bwd reads x and dy, writes dx."""
         per = {"fwd": 2, "bwd": 3, "fwd+bwd": 5}[self.mode]
         return per * self.m * self.n * torch.empty((), dtype=self.dtype).element_size()
 

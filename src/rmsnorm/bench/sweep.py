@@ -177,7 +177,7 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     out = []
     for item in text.split(","):
         m, _, n = item.strip().lower().partition("x")
-        if not (m.isdigit() and n.isdigit()):
-            raise ValueError(f"shapes must look like 4096x1024,64x512; got {item!r}")
+        if not (m.isdigit() and n.isdigit()) or int(m) < 1 or int(n) < 1:
+            raise ValueError(f"shapes must look like 4096x1024,64x512 with sizes >= 1; got {item!r}")
         out.append((int(m), int(n)))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import shlex
 import sys
@@ -13,6 +14,7 @@ import torch
 
 from ..bench.alloc import allocator, rerun_under_tcmalloc
 from ..bench.sweep import cpu_model
+from ..cli_args import UsageError, backend_name, choices_list, device, positive_int, writable_dir
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
 from .tasks import TASKS, check_tasks
@@ -22,15 +24,21 @@ def add_parser(sub) -> None:
     p = sub.add_parser("reproduce", help="the paper's experiments at small scale on real data",
                        description="Trains each task with every normalization variant, times the variants, and "
                                    "writes results.json/csv, report.md and figures beside the paper's numbers.")
-    p.add_argument("--preset", default="quick", help=f"one of {', '.join(PRESETS)} (default quick)")
-    p.add_argument("--tasks", default=",".join(TASKS), help=f"comma list of {', '.join(TASKS)}")
-    p.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
-    p.add_argument("--seeds", type=int, default=None, help="number of seeds (default: the preset's)")
-    p.add_argument("--steps", type=int, default=None, help="training steps of every run (default: the preset's)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--backend", default=None, help="rmsnorm backend for the rmsnorm variants (default: automatic)")
-    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    p.add_argument("--out", type=Path, default=None, help="output directory (default runs/reproduce-<preset>)")
+    p.add_argument("--preset", default="quick", choices=list(PRESETS), help=f"one of {', '.join(PRESETS)} "
+                   "(default quick)")
+    p.add_argument("--tasks", type=choices_list(TASKS, "task"), default=",".join(TASKS),
+                   help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--variants", type=choices_list(VARIANTS, "variant"), default=",".join(VARIANTS),
+                   help=f"comma list of {', '.join(VARIANTS)}")
+    p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the preset's)")
+    p.add_argument("--steps", type=positive_int, default=None,
+                   help="training steps of every run (default: the preset's)")
+    p.add_argument("--device", type=device, default="cpu", help="cpu or cuda")
+    p.add_argument("--backend", type=backend_name, default=None,
+                   help="rmsnorm backend for the rmsnorm variants (default: automatic)")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
+    p.add_argument("--out", type=writable_dir, default=None,
+                   help="output directory (default runs/reproduce-<preset>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--allocator", choices=["auto", "current", "tcmalloc"], default="auto",
@@ -48,8 +56,16 @@ def _maybe_tcmalloc(choice: str) -> None:
     rerun_under_tcmalloc("reproduce", required=choice == "tcmalloc")
 
 
-def _split(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+def _importable(name: str) -> bool:
+    try:
+        importlib.import_module(name)
+    except ImportError:
+        return False
+    return True
+
+
+def _listed(value: str | list[str]) -> list[str]:
+    return value if isinstance(value, list) else [t.strip() for t in value.split(",") if t.strip()]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -57,12 +73,14 @@ def main(args: argparse.Namespace) -> int:
 
     try:
         preset = with_overrides(get_preset(args.preset), args.seeds, args.steps)
-        tasks = check_tasks(_split(args.tasks))
-        variants = check_variants(_split(args.variants))
+        tasks = check_tasks(_listed(args.tasks))
+        variants = check_variants(_listed(args.variants))
     except ValueError as exc:
-        print(f"rmsnorm reproduce: {exc}", file=sys.stderr)
-        return 2
-    out = args.out or Path("runs") / f"reproduce-{preset.name}"
+        raise UsageError(str(exc)) from None
+    if any(t.startswith("mt") for t in tasks) and not _importable("sacrebleu"):
+        raise UsageError("the translation tasks need sacrebleu: install the experiments extra "
+                         "(pip install 'rmsnorm[experiments]')")
+    out = args.out or writable_dir(str(Path("runs") / f"reproduce-{preset.name}"))
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [(t, v, s) for t in tasks for s in range(preset.seeds) for v in variants]

@@ -1,4 +1,5 @@
-"""The paper's numbers (../shared/paper.md) for the experiments this reproduction mirrors."""
+"""The paper's numbers (Zhang & Sennrich, NeurIPS 2019; docs/reproduction/README.md) for the experiments this
+reproduction mirrors."""
 
 from __future__ import annotations
 
