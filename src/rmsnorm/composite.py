@@ -3,8 +3,8 @@
 Same math as :mod:`rmsnorm.reference` (statistics in fp32, fp64 for fp64), but every step is an
 autograd-visible torch op, so it serves the paths that need a graph rather than a kernel:
 
-- second derivatives: a backward run with ``create_graph=True`` recomputes the first derivatives from
-  this decomposition (:func:`input_grads`), so double backward, Hessian-vector products and gradient
+- second derivatives: a backward run with ``create_graph=True`` computes the first derivatives as
+  differentiable ops (:func:`input_grads`), so double backward, Hessian-vector products and gradient
   penalties are exact on every backend;
 - ``torch.func`` transforms (vmap, grad, jacrev, jvp, ...), ``torch.jit.trace`` and ONNX export, which
   trace or batch ops rather than call kernels (:func:`forward`);
@@ -77,34 +77,58 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
                 nd: int, prm: Params, out_dtype: torch.dtype, x_dtype: torch.dtype,
                 needs: tuple[bool, bool, bool, bool], has_residual: bool
                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients for (x, weight, bias, residual) as differentiable ops of the saved h, weight and bias: what
-    a backward computes when it runs with ``create_graph=True`` (higher derivatives then flow through it).
+    """Gradients for (x, weight, bias, residual) written as differentiable torch ops of the saved h, weight
+    and bias (the backward formula of :mod:`rmsnorm.reference`, with rstd recomputed from h): what a
+    backward computes when it runs with ``create_graph=True``, so higher derivatives flow through it.
 
-    ``h`` is the normalized tensor the forward saved (x, or x + residual); ``needs`` says which inputs
-    want a gradient; dy (or dh) may be None when that output got no gradient.
+    No autograd call happens in here (a backward that started another backward through its own node
+    would wait on that node's lock). ``h`` is what the forward normalized (x, or x + residual); ``needs``
+    says which inputs want a gradient; dy (or dh) may be None when that output got no gradient.
     """
     need_h = needs[0] or needs[3]
     need_w = needs[1] and weight is not None
     need_b = needs[2] and bias is not None
-    with torch.enable_grad():
-        hh = h if (h.requires_grad or not need_h) else h.detach().requires_grad_(True)
-        wrt = [t for t, need in ((hh, need_h), (weight, need_w), (bias, need_b)) if need]
-        grads: list[Tensor | None] = [None] * len(wrt)
-        if dy is not None and wrt:
-            y = normalize(hh, weight, bias, nd, prm, out_dtype)
-            grads = list(torch.autograd.grad(y, wrt, dy, create_graph=True, allow_unused=True))
-    it = iter(grads)
-    gh = next(it) if need_h else None
-    gw = next(it) if need_w else None
-    gb = next(it) if need_b else None
+    cd = compute_dtype(h.dtype)
+    batch = h.shape[: h.dim() - nd]
+    hf = h.to(cd).reshape(*batch, -1)
+    n = hf.shape[-1]
+    gh = gw = gb = None
+    if dy is not None:
+        dyf = dy.to(cd).reshape(*batch, -1)
+        k = min(prm.k, n)
+        ms = hf[..., :k].square().mean(-1, keepdim=True)
+        if prm.eps_outside:
+            pos = ms > 0
+            root = torch.where(pos, ms, torch.ones_like(ms)).sqrt()
+            rstd = 1.0 / (root * pos + prm.eps)
+            c = torch.where(pos, rstd * rstd / (k * root), torch.zeros_like(ms))
+        else:
+            rstd = torch.rsqrt(ms + prm.eps)
+            c = rstd * rstd * rstd / k
+        if need_h:
+            dyg = dyf * (weight.to(cd).reshape(-1) + prm.offset) if weight is not None else dyf
+            s = (dyg * hf).sum(-1, keepdim=True)
+            d = dyg * rstd
+            corr = hf[..., :k] * (c * s)
+            d = d - corr if k == n else torch.cat([d[..., :k] - corr, d[..., k:]], dim=-1)
+            gh = d.reshape(h.shape)
+        rows = tuple(range(len(batch)))
+        if need_w:
+            xhat = hf * rstd
+            if prm.llama:
+                xhat = xhat.to(h.dtype).to(cd)
+            gw = (dyf * xhat).sum(rows).reshape(weight.shape).to(weight.dtype)
+        if need_b:
+            gb = dyf.sum(rows).reshape(bias.shape).to(bias.dtype)
     if need_h:
         if gh is None:
-            gh = torch.zeros_like(h)
+            gh = torch.zeros_like(h, dtype=cd)
         if has_residual and dh is not None:
-            gh = gh + dh.to(h.dtype)
-    if gw is None and need_w:
+            gh = gh + dh.to(cd)
+        gh = gh.to(h.dtype)
+    if need_w and gw is None:
         gw = torch.zeros_like(weight)
-    if gb is None and need_b:
+    if need_b and gb is None:
         gb = torch.zeros_like(bias)
     dx = None if gh is None or not needs[0] else (gh if gh.dtype == x_dtype else gh.to(x_dtype))
     dres = gh if (needs[3] and has_residual) else None

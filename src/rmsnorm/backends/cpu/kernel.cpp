@@ -161,6 +161,39 @@ inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
   return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
 }
 
+// A row's sum with bounded round-off: the vector lanes accumulate kBlock steps, then the block sums are
+// added pairwise (a binary counter of partial sums). The error grows like kBlock + log2(blocks) terms
+// instead of N / kW: torch's cascade sum achieves the same, a plain running sum of 2^22 elements does not.
+struct RowSum {
+  static constexpr int64_t kBlock = 8;
+  fVec s0{0.f}, s1{0.f};
+  fVec level[48];
+  int64_t in_block = 0, blocks = 0;
+
+  inline void fma(const fVec& a, const fVec& b, const fVec& c, const fVec& d) {
+    s0 = at::vec::fmadd(a, b, s0);
+    s1 = at::vec::fmadd(c, d, s1);
+    if (++in_block == kBlock) flush();
+  }
+  inline void flush() {
+    fVec v = s0 + s1;
+    s0 = fVec(0.f);
+    s1 = fVec(0.f);
+    in_block = 0;
+    int i = 0;
+    for (int64_t c = blocks; c & 1; c >>= 1, ++i) v = v + level[i];
+    level[i] = v;
+    ++blocks;
+  }
+  inline float total() const {
+    fVec t = s0 + s1;
+    for (int i = 0; (blocks >> i) != 0; ++i) {
+      if ((blocks >> i) & 1) t = t + level[i];
+    }
+    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, t);
+  }
+};
+
 struct Fwd {
   const void* x; int64_t sx;
   const void* res; int64_t sres;
@@ -184,7 +217,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     else return reinterpret_cast<const TH*>(xrow(r));
   };
   // Stage A of row r at [j, j+n): read it (with RES: form h) and add squares of its first k elements.
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, RowSum& acc) {
     const TX* x = xrow(r);
     if constexpr (RES) {
       const TH* res = static_cast<const TH*>(a.res) + r * a.sres;
@@ -200,8 +233,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       if (j >= k) return;
       if (j + n > k) load(hs + j, p, q, k - j);  // the rounded h, first k - j lanes only
       else if constexpr (!std::is_same_v<TH, float>) Io<TH>::round(p, q);
-      s0 = at::vec::fmadd(p, p, s0);
-      s1 = at::vec::fmadd(q, q, s1);
+      acc.fma(p, p, q, q);
     } else {
       if (j >= k) {
         prefetch(x + j, n * static_cast<int64_t>(sizeof(TX)));
@@ -209,16 +241,12 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       }
       fVec p, q;
       load(x + j, p, q, std::min(n, k - j));
-      s0 = at::vec::fmadd(p, p, s0);
-      s1 = at::vec::fmadd(q, q, s1);
+      acc.fma(p, p, q, q);
     }
   };
-  auto reduce = [](const fVec& s0, const fVec& s1) {
-    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
-  };
-  fVec s0(0.f), s1(0.f);
-  steps(0, RES ? N : k, [&](int64_t j, int64_t n) { stage_a(r0, j, n, s0, s1); });
-  float ss = reduce(s0, s1);
+  RowSum acc0;
+  steps(0, RES ? N : k, [&](int64_t j, int64_t n) { stage_a(r0, j, n, acc0); });
+  float ss = acc0.total();
   for (int64_t r = r0; r < r1; ++r) {
     const float rs = inv_rms(ss, k, a.eps, a.eps_outside);
     a.rstd[r] = rs;
@@ -227,9 +255,9 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     TO* y = static_cast<TO*>(a.y) + r * N;
     const bool st = a.stream && can_stream(y);
     const bool next = r + 1 < r1;
-    fVec n0(0.f), n1(0.f);
+    RowSum acc;
     steps(0, N, [&](int64_t j, int64_t n) {
-      if (next) stage_a(r + 1, j, n, n0, n1);
+      if (next) stage_a(r + 1, j, n, acc);
       fVec p, q, g0, g1;
       load(h + j, p, q, n);
       p = p * vr;
@@ -246,10 +274,61 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       }
       store(y + j, p, q, n, st);
     });
-    ss = reduce(n0, n1);
+    ss = acc.total();
   }
   if (a.stream) stream_fence();
 }
+
+// Column sums over a block's rows (dW, db) with bounded round-off: `acc` (N floats) takes kRows rows,
+// then is merged pairwise into `levels` (a binary counter of N-float partial sums), so the error grows like
+// kRows + log2(rows / kRows) terms instead of the row count. finish() leaves the block's total in `acc`.
+struct ColumnSums {
+  static constexpr int64_t kRows = 16;
+  float* acc;
+  float* levels;  // levels_for(rows) x N floats, or null (then a plain running sum)
+  int64_t N, rows = 0, chunks = 0;
+
+  ColumnSums(float* acc_, float* levels_, int64_t N_) : acc(acc_), levels(levels_), N(N_) {}
+
+  static int64_t levels_for(int64_t rows) {
+    int64_t l = 1;
+    while ((kRows << (l - 1)) < rows) ++l;
+    return l;
+  }
+  inline void row_done() {
+    if (acc == nullptr || levels == nullptr || ++rows < kRows) return;
+    rows = 0;
+    int64_t t = 0;  // the level this chunk lands in: the count of trailing ones of `chunks`
+    for (int64_t c = chunks; c & 1; c >>= 1) ++t;
+    float* dst = levels + t * N;
+    steps(0, N, [&](int64_t j, int64_t n) {
+      fVec v0, v1, l0, l1;
+      load(acc + j, v0, v1, n);
+      for (int64_t i = 0; i < t; ++i) {
+        load(levels + i * N + j, l0, l1, n);
+        v0 = v0 + l0;
+        v1 = v1 + l1;
+      }
+      store(dst + j, v0, v1, n);
+      store(acc + j, fVec(0.f), fVec(0.f), n);
+    });
+    ++chunks;
+  }
+  inline void finish() {
+    if (acc == nullptr || levels == nullptr || chunks == 0) return;
+    steps(0, N, [&](int64_t j, int64_t n) {
+      fVec v0, v1, l0, l1;
+      load(acc + j, v0, v1, n);
+      for (int64_t i = 0; (chunks >> i) != 0; ++i) {
+        if (((chunks >> i) & 1) == 0) continue;
+        load(levels + i * N + j, l0, l1, n);
+        v0 = v0 + l0;
+        v1 = v1 + l1;
+      }
+      store(acc + j, v0, v1, n);
+    });
+  }
+};
 
 struct Bwd {
   const void* dy; int64_t sdy;
@@ -260,6 +339,8 @@ struct Bwd {
   float* dw; float* db;  // (blocks, N) partials, or null
   int64_t N, k; float eps; bool eps_outside, llama;
   bool stream;  // non-temporal stores of dx
+  float* levels_dw = nullptr;  // per block: ColumnSums levels (set per block by the caller)
+  float* levels_db = nullptr;
 };
 
 // TH: the normalized tensor and its gradient, TO: dy (the output's dtype). Pipelined like the forward:
@@ -269,21 +350,18 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   const int64_t N = a.N;
   auto hrow = [&](int64_t r) { return static_cast<const TH*>(a.h) + r * a.sh; };
   auto dyrow = [&](int64_t r) { return static_cast<const TO*>(a.dy) + r * a.sdy; };
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, RowSum& acc) {
     fVec p, q, u, v, g0, g1;
     load(hrow(r) + j, p, q, n);
     load(dyrow(r) + j, u, v, n);
     load(a.g + j, g0, g1, n);
-    s0 = at::vec::fmadd(u * g0, p, s0);
-    s1 = at::vec::fmadd(v * g1, q, s1);
+    acc.fma(u * g0, p, v * g1, q);
     if constexpr (DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
   };
-  auto reduce = [](const fVec& s0, const fVec& s1) {
-    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
-  };
-  fVec s0(0.f), s1(0.f);
-  steps(0, N, [&](int64_t j, int64_t n) { stage_a(r0, j, n, s0, s1); });
-  float s = reduce(s0, s1);
+  RowSum acc0;
+  steps(0, N, [&](int64_t j, int64_t n) { stage_a(r0, j, n, acc0); });
+  float s = acc0.total();
+  ColumnSums cw(dw, a.levels_dw, N), cb(db, a.levels_db, N);
   for (int64_t r = r0; r < r1; ++r) {
     const TH* h = hrow(r);
     const TO* dy = dyrow(r);
@@ -300,11 +378,11 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     const bool st = a.stream && can_stream(dx);
     const TH* dh = DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
     const bool next = r + 1 < r1;
-    fVec n0(0.f), n1(0.f);
+    RowSum acc;
     const int64_t k = a.k;
     const fVec zero(0.f);
     steps(0, N, [&](int64_t j, int64_t n) {
-      if (next) stage_a(r + 1, j, n, n0, n1);
+      if (next) stage_a(r + 1, j, n, acc);
       fVec p, q, u, v, g0, g1;
       load(h + j, p, q, n);
       load(dy + j, u, v, n);
@@ -339,8 +417,12 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
         store(db + j, b0 + u, b1 + v, n);
       }
     });
-    s = reduce(n0, n1);
+    s = acc.total();
+    cw.row_done();
+    cb.row_done();
   }
+  cw.finish();
+  cb.finish();
   if (a.stream) stream_fence();
 }
 
@@ -514,6 +596,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                 g.data_ptr<float>(), dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
                 need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama,
                 stream};
+    // pairwise levels of the dW/db column sums, per block (see ColumnSums)
+    const int64_t per_block = (M + blocks - 1) / blocks;
+    const int64_t nl = ColumnSums::levels_for(per_block);
+    const bool cascade = per_block > ColumnSums::kRows && (need_dw || need_db);
+    at::Tensor lv = cascade ? at::empty({blocks, (need_dw ? nl : 0) + (need_db ? nl : 0), N}, f32) : at::Tensor();
     dispatch(h.scalar_type(), "h", [&](auto thv) {
       using TH = decltype(thv);
       dispatch(dy.scalar_type(), "dy", [&](auto tov) {
@@ -522,8 +609,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
           float* dwb = a.dw ? a.dw + blk * N : nullptr;
           float* dbb = a.db ? a.db + blk * N : nullptr;
           if (r0 >= r1) return;
-          if (a.dh) backward_rows<TH, TO, true>(a, r0, r1, dwb, dbb);
-          else backward_rows<TH, TO, false>(a, r0, r1, dwb, dbb);
+          Bwd b = a;
+          if (cascade) {
+            float* base = lv.data_ptr<float>() + blk * lv.size(1) * N;
+            b.levels_dw = need_dw ? base : nullptr;
+            b.levels_db = need_db ? base + (need_dw ? nl : 0) * N : nullptr;
+          }
+          if (a.dh) backward_rows<TH, TO, true>(b, r0, r1, dwb, dbb);
+          else backward_rows<TH, TO, false>(b, r0, r1, dwb, dbb);
         });
       });
     });
