@@ -46,8 +46,9 @@ def elapsed() -> float:
 def check_against_reference(x, w, b, r, what: str, backend: str, low_atol_ulps: float = 0.0, **kw) -> None:
     """Outputs and gradients of ``backend`` against the reference backend on the same device (fp32 math):
     within a few units of the output dtype's epsilon x max(|ref|, 1); dW/db relative to their scale."""
-    import rmsnorm
     from gpu_tune import TOL, _close
+
+    import rmsnorm
 
     tol = TOL["fp32" if x.dtype == torch.float32 else "bf16"]
     slack = 1.0 + low_atol_ulps
@@ -295,9 +296,8 @@ def main() -> int:
     import triton
 
     import rmsnorm
-    from rmsnorm.bench import report
-
     from rmsnorm.backends.triton.heuristics import tuned_table
+    from rmsnorm.bench import report
 
     print(f"tuned table: {tuned_table().get('meta') or 'none (hand-set rules)'}", flush=True)
     if DEV == "cuda":

@@ -176,11 +176,13 @@ def child(args) -> int:
                         time.sleep(3600)
                     try:
                         if kind == "fwd":
-                            fn = (lambda cfg=cfg: launch.forward(x, w, None, None, prm, dtype, config=cfg))
+                            fn = (lambda cfg=cfg, x=x, w=w, prm=prm, dtype=dtype:
+                                  launch.forward(x, w, None, None, prm, dtype, config=cfg))
                             y = fn()[0]
                             ok, err = _close(y, y_ref, TOL[dname][0])
                         else:
-                            fn = (lambda cfg=cfg: launch.backward(dy, None, x, w, rstd, prm, True, False, config=cfg))
+                            fn = (lambda cfg=cfg, x=x, w=w, dy=dy, rstd=rstd, prm=prm:
+                                  launch.backward(dy, None, x, w, rstd, prm, True, False, config=cfg))
                             dx, dw, _ = fn()
                             ok1, e1 = _close(dx, dx_ref, TOL[dname][1])
                             # dW sums M rows in fp32 in another order than the reference: relative to its scale

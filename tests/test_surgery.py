@@ -219,3 +219,132 @@ def test_surgery_cannot_replace_the_model_itself():
     with pytest.raises(ValueError, match="pass the model that contains the norm"):
         rmsnorm.accelerate(norm)
     assert not list(ln.children()) and not list(norm.children())
+
+
+# ------------------------------------------------------------------------------- all or nothing, subclasses
+def _bigcode():
+    cfg = transformers.GPTBigCodeConfig(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4,
+                                        bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.GPTBigCodeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return model
+
+
+def _snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [(n, type(m)) for n, m in model.named_modules()],
+            {n: dict(m._forward_hooks) for n, m in model.named_modules()},
+            {n: p.dtype for n, p in model.named_parameters()})
+
+
+def _same(model, snap):
+    state, modules, hooks, dtypes = snap
+    now = model.state_dict()
+    assert set(now) == set(state) and all(torch.equal(now[k], state[k]) for k in state)
+    assert [(n, type(m)) for n, m in model.named_modules()] == modules
+    assert {n: dict(m._forward_hooks) for n, m in model.named_modules()} == hooks
+    assert {n: p.dtype for n, p in model.named_parameters()} == dtypes
+
+
+def test_exact_conversion_of_gptbigcode_keeps_logits():
+    model = _bigcode()
+    ids = torch.randint(3, 96, (2, 11))
+    ref = model(ids).logits
+    report = rmsnorm.convert(model, exact=True)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules()), str(report)
+    out = model(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def test_a_failed_exact_conversion_leaves_the_model_as_it_was(monkeypatch):
+    from rmsnorm.surgery import SurgeryError, exact
+
+    model = _bigcode()
+    model.transformer.h[0].ln_1.register_forward_hook(lambda *a: None)
+    tied = model.lm_head.weight is model.transformer.wte.weight
+    snap = _snapshot(model)
+    ids = torch.randint(3, 96, (2, 11))
+    ref = model(ids).logits
+    calls = {"n": 0}
+    real = exact._fold_into_conv_
+
+    def failing(*a):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after embeddings, writers and the first block were changed
+            raise RuntimeError("injected failure")
+        return real(*a)
+
+    monkeypatch.setattr(exact, "_fold_into_conv_", failing)
+    with pytest.raises(SurgeryError, match="left unchanged"):
+        rmsnorm.convert(model, exact=True)
+    _same(model, snap)
+    assert (model.lm_head.weight is model.transformer.wte.weight) == tied
+    assert model.config.tie_word_embeddings == tied
+    assert torch.equal(model(ids).logits, ref)
+
+
+class GainPlusOneLayerNorm(nn.LayerNorm):
+    """As NemotronLayerNorm1P: y = LN(x) * (1 + w) + b."""
+
+    def forward(self, x):
+        return nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class RowWiseLayerNorm(nn.LayerNorm):
+    """As ChameleonLayerNorm: weight (4, 16), normalized over the last 16 only."""
+
+    def forward(self, x):
+        y = nn.functional.layer_norm(x, self.normalized_shape[-1:], None, None, self.eps)
+        return y * self.weight + self.bias
+
+
+def test_convert_layernorm_subclasses_by_what_they_compute():
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), GainPlusOneLayerNorm(16), nn.Linear(16, 64),
+                          RowWiseLayerNorm((4, 16)))
+    with torch.no_grad():
+        model[2].weight.zero_()
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    report = rmsnorm.convert(model)
+    assert isinstance(model[1], rmsnorm.RMSNorm) and isinstance(model[2], rmsnorm.RMSNorm)
+    assert model[2].offset == 1.0
+    assert isinstance(model[4], RowWiseLayerNorm)
+    assert any(name == "4" and "not LayerNorm's" in why for name, why in report.skipped), str(report)
+    x = torch.randn(5, 16)
+    x = x - x.mean(-1, keepdim=True)  # zero-mean rows: RMSNorm equals LayerNorm (bias aside)
+    y = model[2](x)
+    assert (y.pow(2).mean(-1).sqrt() - 1).abs().max() < 1e-3  # gain 1 + 0: unit RMS, not zero
+    model[1](torch.randn(2, 16))
+    assert seen == ["RMSNorm"]  # the hook moved to the replacement
+
+
+def test_a_failed_convert_or_accelerate_leaves_the_model_as_it_was(monkeypatch):
+    import sys
+
+    from rmsnorm.surgery import SurgeryError
+
+    convert, accelerate = sys.modules["rmsnorm.surgery.convert"], sys.modules["rmsnorm.surgery.accelerate"]
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8), nn.LayerNorm(8), nn.RMSNorm(8), nn.RMSNorm(8))
+    snap = _snapshot(model)
+    calls = {"n": 0}
+    for mod in (convert, accelerate):
+        real = mod.set_submodule
+
+        def failing(*a, real=real):
+            calls["n"] += 1
+            if calls["n"] % 2 == 0:
+                raise RuntimeError("injected failure")
+            return real(*a)
+
+        monkeypatch.setattr(mod, "set_submodule", failing)
+    with pytest.raises(SurgeryError):
+        rmsnorm.convert(model)
+    _same(model, snap)
+    with pytest.raises(SurgeryError):
+        rmsnorm.accelerate(model)
+    _same(model, snap)

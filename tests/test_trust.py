@@ -151,7 +151,7 @@ def test_legacy_onnx_export_runs_in_onnxruntime(kw, bias, res, tmp_path):
     model = onnx.load(str(path))
     assert len(model.graph.input) == len(args)
     fresh = (rand(4, 16, seed=5) * 2,) + ((rand(4, 16, seed=6),) if res else ())
-    with pytest.raises(Exception):  # shapes were traced: the legacy exporter fixes them
+    with pytest.raises(Exception):  # noqa: B017  (shapes were traced: onnxruntime refuses others, its own way)
         _onnx_run(model, fresh)
     out = _onnx_run(model, tuple(a * 2 for a in args))
     expect = m(*(a * 2 for a in args))
@@ -341,7 +341,7 @@ def test_module_signature_and_inference_tensors_as_torch():
     assert ours(x).requires_grad == theirs(x).requires_grad
     with torch.inference_mode():
         torch.testing.assert_close(ours(x), theirs(x))
-    for bad in ([8.7], "12", 8.0, [True, 2][1:] + [None]):
+    for bad in ([8.7], "12", 8.0, [2, None]):
         with pytest.raises(TypeError, match="normalized_shape"):
             rmsnorm.RMSNorm(bad)
     with pytest.raises(ValueError, match="backend"):

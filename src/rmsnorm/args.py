@@ -76,7 +76,7 @@ def normalized_tuple(normalized_shape: int | Sequence[int] | torch.Size) -> tupl
     if isinstance(normalized_shape, (str, bytes)):
         raise TypeError(what)
     try:
-        if isinstance(normalized_shape, Sequence) or isinstance(normalized_shape, torch.Size):
+        if isinstance(normalized_shape, (Sequence, torch.Size)):
             shape = tuple(operator.index(s) for s in normalized_shape)
         else:
             shape = (operator.index(normalized_shape),)

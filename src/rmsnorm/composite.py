@@ -41,7 +41,8 @@ def _is_torch_rms_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, nd
     for s in h.shape[h.dim() - nd:]:
         n *= s
     # the TorchScript-based ONNX exporter has no aten::rms_norm: jit tracing gets the decomposition
-    return (torch._C._get_tracing_state() is None and prm.k == n and n > 0 and not prm.eps_outside and prm.offset == 0.0 and not prm.llama and bias is None
+    return (torch._C._get_tracing_state() is None and prm.k == n and n > 0 and not prm.eps_outside
+            and prm.offset == 0.0 and not prm.llama and bias is None
             and out_dtype == h.dtype and (weight is None or weight.dtype == h.dtype))
 
 

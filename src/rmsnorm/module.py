@@ -130,8 +130,10 @@ class RMSNorm(nn.Module):
 
     @classmethod
     def from_layernorm(cls, ln: nn.LayerNorm, *, keep_bias: bool = False, p: float = 1.0,
-                       eps_mode: str = "inside", partial_rounding: str = "ceil", cast: str = "fp32") -> RMSNorm:
+                       eps_mode: str = "inside", partial_rounding: str = "ceil", cast: str = "fp32",
+                       offset: float = 0.0) -> RMSNorm:
         """An RMSNorm with ``ln``'s shape, eps, gain (and bias with ``keep_bias``), on its device and dtype.
+        ``offset=1.0`` for LayerNorms whose gain is 1 + weight (NemotronLayerNorm1P and the like).
 
         Not equivalent to ``ln`` unless its inputs have zero mean: use for training or fine-tuning, or
         :func:`rmsnorm.convert` with ``exact=True`` for an exact transformation.
@@ -142,7 +144,7 @@ class RMSNorm(nn.Module):
         has_bias = keep_bias and ln.bias is not None
         ref = ln.weight if affine else None
         out = cls(ln.normalized_shape, eps=ln.eps, elementwise_affine=affine, bias=has_bias, p=p,
-                  eps_mode=eps_mode, partial_rounding=partial_rounding, cast=cast,
+                  eps_mode=eps_mode, partial_rounding=partial_rounding, cast=cast, offset=offset,
                   device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
         with torch.no_grad():
             if affine:

@@ -14,7 +14,7 @@ import torch
 
 from ..bench.alloc import allocator, rerun_under_tcmalloc
 from ..bench.sweep import cpu_model
-from ..cli_args import UsageError, backend_name, choices_list, device, positive_int, writable_dir
+from ..cli_args import UsageError, backend_name, choices_list, device, positive_int, run_command, writable_dir
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
 from .tasks import TASKS, check_tasks
@@ -69,6 +69,11 @@ def _listed(value: str | list[str]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    """The command; a bad value is one line on stderr and exit status 2."""
+    return run_command("rmsnorm reproduce", _main, args)
+
+
+def _main(args: argparse.Namespace) -> int:
     from .runner import finished, run_dir
 
     try:

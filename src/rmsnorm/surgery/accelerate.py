@@ -31,6 +31,7 @@ from torch import nn
 
 from ..module import RMSNorm
 from .report import SurgeryReport, set_submodule
+from .transaction import move_hooks, transaction
 
 _FAMILIES = {
     "llama": """
@@ -168,6 +169,7 @@ def accelerate(model: nn.Module) -> SurgeryReport:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = SurgeryReport("accelerate RMSNorm modules")
+    plan = []
     for name, module in list(model.named_modules()):
         if isinstance(module, RMSNorm):
             continue
@@ -181,6 +183,14 @@ def accelerate(model: nn.Module) -> SurgeryReport:
         except (ValueError, TypeError, AttributeError) as exc:
             report.skipped.append((name, f"{type(module).__name__}: {exc}"))
             continue
-        set_submodule(model, name, new)
-        report.changed.append((name, f"{type(module).__name__} -> RMSNorm ({family} numerics)"))
+        if name == "":
+            raise ValueError(f"model surgery replaces submodules in place and cannot replace the model itself "
+                             f"({type(model).__name__}); pass the model that contains the norm")
+        plan.append((name, module, new, family))
+    with transaction(model):  # all replacements go in, or none
+        for name, module, new, family in plan:
+            hooks = move_hooks(module, new)
+            set_submodule(model, name, new)
+            moved = f", hooks moved: {', '.join(hooks)}" if hooks else ""
+            report.changed.append((name, f"{type(module).__name__} -> RMSNorm ({family} numerics){moved}"))
     return report

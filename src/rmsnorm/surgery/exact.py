@@ -8,7 +8,9 @@ bias are then folded into the linear layer that reads its output, leaving a plai
 model computes the same function (in eval mode: dropout on a zero-mean vector does not keep it
 zero-mean, so training-mode outputs differ as with any dropout mask).
 
-Supported: Hugging Face GPT-2 models (GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, ...).
+Supported: Hugging Face GPT-2 models (GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, ...)
+and models of the same layout with nn.Linear layers (GPTBigCode). All or nothing: an error anywhere leaves
+the model exactly as it was (:mod:`rmsnorm.surgery.transaction`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from torch import nn
 
 from ..module import RMSNorm
 from .report import SurgeryReport, set_submodule
+from .transaction import Transaction, move_hooks, transaction
 
 _HEADS = ("lm_head", "score")
 
@@ -54,31 +57,46 @@ def _gpt2_body(model: nn.Module) -> tuple[nn.Module, str]:
     return body, prefix
 
 
-def _center_rows_(weight: torch.Tensor) -> None:
+def _center_rows_(tx: Transaction, weight: torch.Tensor) -> None:
     """Embedding rows (vocab, d): subtract each row's mean over d."""
     w = weight.double()
-    weight.copy_(w - w.mean(dim=-1, keepdim=True))
+    tx.write(weight, w - w.mean(dim=-1, keepdim=True))
 
 
-def _center_output_(conv: nn.Module) -> None:
-    """A GPT-2 Conv1D (y = x @ W + b, W of shape (in, out)) whose output must have zero mean over out."""
-    w = conv.weight.double()
-    conv.weight.copy_(w - w.mean(dim=1, keepdim=True))
-    if conv.bias is not None:
-        b = conv.bias.double()
-        conv.bias.copy_(b - b.mean())
+def _in_out(layer: nn.Module) -> torch.Tensor:
+    """The layer's weight as (in, out): GPT-2's Conv1D stores it so, nn.Linear as (out, in)."""
+    if isinstance(layer, nn.Linear):
+        return layer.weight.detach().double().t()
+    if type(layer).__name__ == "Conv1D" and layer.weight.dim() == 2:
+        return layer.weight.detach().double()
+    raise ExactConversionError(f"{type(layer).__name__} is neither nn.Linear nor GPT-2's Conv1D")
 
 
-def _fold_into_conv_(ln: nn.LayerNorm, conv: nn.Module) -> None:
-    """conv(n * g + beta) = n @ (g[:, None] * W) + (beta @ W + c)."""
+def _set_in_out(tx: Transaction, layer: nn.Module, w_in_out: torch.Tensor) -> None:
+    tx.write(layer.weight, w_in_out.t() if isinstance(layer, nn.Linear) else w_in_out)
+
+
+def _center_output_(tx: Transaction, layer: nn.Module) -> None:
+    """A layer writing into the residual stream (y = x @ W + b, W as (in, out)): zero mean over out."""
+    w = _in_out(layer)
+    _set_in_out(tx, layer, w - w.mean(dim=1, keepdim=True))
+    if layer.bias is not None:
+        b = layer.bias.double()
+        tx.write(layer.bias, b - b.mean())
+
+
+def _fold_into_conv_(tx: Transaction, ln: nn.LayerNorm, layer: nn.Module) -> None:
+    """layer(n * g + beta) = n @ (g[:, None] * W) + (beta @ W + c), W as (in, out)."""
     g = ln.weight.double() if ln.weight is not None else None
     beta = ln.bias.double() if ln.bias is not None else None
-    w = conv.weight.double()
+    w = _in_out(layer)
     if beta is not None:
-        c = conv.bias.double() if conv.bias is not None else torch.zeros(w.shape[1], dtype=torch.float64)
-        conv.bias.copy_(c + beta @ w)
+        if layer.bias is None:
+            raise ExactConversionError(f"{type(layer).__name__} after a LayerNorm with a bias has no bias to "
+                                       "fold it into")
+        tx.write(layer.bias, layer.bias.double() + beta @ w)
     if g is not None:
-        conv.weight.copy_(g[:, None] * w)
+        _set_in_out(tx, layer, g[:, None] * w)
 
 
 def _fold_into_linear(ln: nn.LayerNorm, lin: nn.Linear) -> nn.Linear:
@@ -96,18 +114,27 @@ def _fold_into_linear(ln: nn.LayerNorm, lin: nn.Linear) -> nn.Linear:
 
 
 def _plain_rmsnorm(ln: nn.LayerNorm, affine: bool) -> RMSNorm:
-    """RMSNorm in ln's place: its gain and bias kept (``affine``), or none (they were folded elsewhere)."""
+    """RMSNorm in ln's place: its gain and bias kept (``affine``), or none (they were folded elsewhere);
+    ln's hooks move to it."""
     if affine:
         new = RMSNorm.from_layernorm(ln, keep_bias=True)
     else:
-        new = RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False)
+        new = RMSNorm(ln.normalized_shape, eps=ln.eps, elementwise_affine=False,
+                      device=ln.weight.device if ln.weight is not None else None)
     new.train(ln.training)
+    move_hooks(ln, new)
     return new
 
 
 @torch.no_grad()
 def convert_exact(model: nn.Module) -> SurgeryReport:
+    """See the module docstring. All or nothing: on any error the model is restored and the error raised."""
     body, prefix = _gpt2_body(model)
+    with transaction(model) as tx:
+        return _convert_exact(model, body, prefix, tx)
+
+
+def _convert_exact(model: nn.Module, body: nn.Module, prefix: str, tx: Transaction) -> SurgeryReport:
     report = SurgeryReport("exact Pre-LN -> Pre-RMSNorm (zero-mean residual stream)")
     head_name = next((h for h in _HEADS if isinstance(getattr(model, h, None), nn.Linear)), None)
     if head_name is not None and getattr(model, head_name).weight is body.wte.weight:
@@ -120,15 +147,15 @@ def convert_exact(model: nn.Module) -> SurgeryReport:
         set_submodule(model, head_name, untied)
         report.changed.append((head_name, "untied from the token embedding"))
     for name in ("wte", "wpe"):
-        _center_rows_(getattr(body, name).weight)
+        _center_rows_(tx, getattr(body, name).weight)
         report.changed.append((prefix + name, "embedding rows centered (zero mean over the hidden size)"))
     for i, block in enumerate(body.h):
         p = f"{prefix}h.{i}."
         for ln_name, reader, writer in (("ln_1", "attn.c_attn", "attn.c_proj"), ("ln_2", "mlp.c_fc", "mlp.c_proj")):
-            _center_output_(block.get_submodule(writer))
+            _center_output_(tx, block.get_submodule(writer))
             report.changed.append((p + writer, "output weights and bias centered"))
             ln = getattr(block, ln_name)
-            _fold_into_conv_(ln, block.get_submodule(reader))
+            _fold_into_conv_(tx, ln, block.get_submodule(reader))
             report.changed.append((p + reader, f"{ln_name} gain and bias folded in"))
             setattr(block, ln_name, _plain_rmsnorm(ln, affine=False))
             report.changed.append((p + ln_name, "LayerNorm -> RMSNorm (no affine)"))
@@ -143,5 +170,5 @@ def convert_exact(model: nn.Module) -> SurgeryReport:
         report.changed.append((prefix + "ln_f", "LayerNorm -> RMSNorm (gain and bias kept: no layer to fold into)"))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "tie_word_embeddings"):
-        config.tie_word_embeddings = False
+        tx.setattr(config, "tie_word_embeddings", False)
     return report

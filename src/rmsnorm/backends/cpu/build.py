@@ -238,10 +238,8 @@ def _build(directory: Path, want: str, quiet: bool):
 
 
 def _remember(directory: Path, want: str, reason: str, log: str) -> None:
-    try:
+    with contextlib.suppress(OSError):
         (directory / "failed.txt").write_text(f"{want}\n{reason}\n{log}")
-    except OSError:
-        pass
 
 
 def _ticker(done: threading.Event, terminal) -> None:

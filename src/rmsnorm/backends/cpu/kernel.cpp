@@ -161,36 +161,52 @@ inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
   return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
 }
 
-// A row's sum with bounded round-off: the vector lanes accumulate kBlock steps, then the block sums are
-// added pairwise (a binary counter of partial sums). The error grows like kBlock + log2(blocks) terms
-// instead of N / kW: torch's cascade sum achieves the same, a plain running sum of 2^22 elements does not.
-struct RowSum {
-  static constexpr int64_t kBlock = 8;
-  fVec s0{0.f}, s1{0.f};
-  fVec level[48];
-  int64_t in_block = 0, blocks = 0;
+// A row's sum with bounded round-off. The caller's two vector accumulators (kept in registers) take
+// kBlock steps; each block's sum is then pushed here and added pairwise (a binary counter of partial
+// sums), so the error grows like kBlock + log2(blocks) terms instead of N / kW: torch's cascade sum does
+// as well, a plain running sum of 2^22 elements does not.
+struct Cascade {
+  // Steps of kW elements per block: 8 cost 5-8% on 32K-element rows, 32 nothing measurable, with the
+  // same accuracy (docs/benchmarks/cpu.md, "Accuracy").
+  static constexpr int64_t kBlock = 32;
+  // Rows shorter than this keep the plain running sum: N / kW <= 256 terms a lane, where the error is
+  // already torch's (docs/benchmarks/cpu.md, "Accuracy"); a cascade on short rows cost up to 30%
+  // (64 x 512, 16384 x 128; the kernel with and without it, timed in one process).
+  static constexpr int64_t kMinElements = 8192;
+  int64_t blocks = 0;
+  // Uninitialised on purpose (a Vectorized<float> array would be zeroed for every row): level i is
+  // written before it is read, when block 2^i completes.
+  alignas(64) float level[40 * kF];
 
-  inline void fma(const fVec& a, const fVec& b, const fVec& c, const fVec& d) {
-    s0 = at::vec::fmadd(a, b, s0);
-    s1 = at::vec::fmadd(c, d, s1);
-    if (++in_block == kBlock) flush();
-  }
-  inline void flush() {
-    fVec v = s0 + s1;
+  // After the step at [j, j + n): at the end of every kBlock steps, adds the block in (s0, s1) and clears
+  // the accumulators (the position decides, so the loop carries no counter).
+  inline void step(fVec& s0, fVec& s1, int64_t j, int64_t n) {
+    if (((j + n) & (kBlock * kW - 1)) != 0) return;
+    push(s0 + s1);
     s0 = fVec(0.f);
     s1 = fVec(0.f);
-    in_block = 0;
+  }
+  void push(fVec v) {
     int i = 0;
-    for (int64_t c = blocks; c & 1; c >>= 1, ++i) v = v + level[i];
-    level[i] = v;
+    for (int64_t c = blocks; c & 1; c >>= 1, ++i) v = v + fVec::loadu(level + i * kF);
+    v.store(level + i * kF);
     ++blocks;
   }
-  inline float total() const {
+  float total(const fVec& s0, const fVec& s1) const {
     fVec t = s0 + s1;
     for (int i = 0; (blocks >> i) != 0; ++i) {
-      if ((blocks >> i) & 1) t = t + level[i];
+      if ((blocks >> i) & 1) t = t + fVec::loadu(level + i * kF);
     }
     return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, t);
+  }
+};
+
+// The plain running sum (short rows): same interface, nothing to do.
+struct NoCascade {
+  int64_t blocks = 0;
+  inline void step(fVec&, fVec&, int64_t, int64_t) {}
+  inline float total(const fVec& s0, const fVec& s1) const {
+    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
   }
 };
 
@@ -208,7 +224,7 @@ struct Fwd {
 // from memory and its sum of squares accumulated (its elements past k are prefetched), so reads and writes
 // stream concurrently. With RES, h = x + residual of a row goes to the h output and to one of two
 // `scratch` rows (2*N elements, in cache) that the output loop reads.
-template <typename TX, typename TH, typename TO, bool RES>
+template <typename TX, typename TH, typename TO, bool RES, bool LONG>
 void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
   const int64_t N = a.N, k = a.k;
   auto xrow = [&](int64_t r) { return static_cast<const TX*>(a.x) + r * a.sx; };
@@ -217,7 +233,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     else return reinterpret_cast<const TH*>(xrow(r));
   };
   // Stage A of row r at [j, j+n): read it (with RES: form h) and add squares of its first k elements.
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, RowSum& acc) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
     const TX* x = xrow(r);
     if constexpr (RES) {
       const TH* res = static_cast<const TH*>(a.res) + r * a.sres;
@@ -233,7 +249,8 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       if (j >= k) return;
       if (j + n > k) load(hs + j, p, q, k - j);  // the rounded h, first k - j lanes only
       else if constexpr (!std::is_same_v<TH, float>) Io<TH>::round(p, q);
-      acc.fma(p, p, q, q);
+      s0 = at::vec::fmadd(p, p, s0);
+      s1 = at::vec::fmadd(q, q, s1);
     } else {
       if (j >= k) {
         prefetch(x + j, n * static_cast<int64_t>(sizeof(TX)));
@@ -241,12 +258,19 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       }
       fVec p, q;
       load(x + j, p, q, std::min(n, k - j));
-      acc.fma(p, p, q, q);
+      s0 = at::vec::fmadd(p, p, s0);
+      s1 = at::vec::fmadd(q, q, s1);
     }
   };
-  RowSum acc0;
-  steps(0, RES ? N : k, [&](int64_t j, int64_t n) { stage_a(r0, j, n, acc0); });
-  float ss = acc0.total();
+  // LONG: rows of at least Cascade::kMinElements, summed pairwise; shorter rows keep the running sum
+  // (no bookkeeping at all: the template instance without it is what short rows run)
+  std::conditional_t<LONG, Cascade, NoCascade> cas;
+  fVec s0(0.f), s1(0.f);
+  steps(0, RES ? N : k, [&](int64_t j, int64_t n) {
+    stage_a(r0, j, n, s0, s1);
+    cas.step(s0, s1, j, n);
+  });
+  float ss = cas.total(s0, s1);
   for (int64_t r = r0; r < r1; ++r) {
     const float rs = inv_rms(ss, k, a.eps, a.eps_outside);
     a.rstd[r] = rs;
@@ -255,9 +279,13 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     TO* y = static_cast<TO*>(a.y) + r * N;
     const bool st = a.stream && can_stream(y);
     const bool next = r + 1 < r1;
-    RowSum acc;
+    fVec n0(0.f), n1(0.f);
+    cas.blocks = 0;
     steps(0, N, [&](int64_t j, int64_t n) {
-      if (next) stage_a(r + 1, j, n, acc);
+      if (next) {
+        stage_a(r + 1, j, n, n0, n1);
+        cas.step(n0, n1, j, n);
+      }
       fVec p, q, g0, g1;
       load(h + j, p, q, n);
       p = p * vr;
@@ -274,7 +302,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       }
       store(y + j, p, q, n, st);
     });
-    ss = acc.total();
+    ss = cas.total(n0, n1);
   }
   if (a.stream) stream_fence();
 }
@@ -283,7 +311,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
 // then is merged pairwise into `levels` (a binary counter of N-float partial sums), so the error grows like
 // kRows + log2(rows / kRows) terms instead of the row count. finish() leaves the block's total in `acc`.
 struct ColumnSums {
-  static constexpr int64_t kRows = 16;
+  static constexpr int64_t kRows = 32;
   float* acc;
   float* levels;  // levels_for(rows) x N floats, or null (then a plain running sum)
   int64_t N, rows = 0, chunks = 0;
@@ -345,22 +373,27 @@ struct Bwd {
 
 // TH: the normalized tensor and its gradient, TO: dy (the output's dtype). Pipelined like the forward:
 // the dot product S of row r+1 (reading h and dy from memory) runs inside row r's gradient loop.
-template <typename TH, typename TO, bool DH>
+template <typename TH, typename TO, bool DH, bool LONG>
 void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   const int64_t N = a.N;
   auto hrow = [&](int64_t r) { return static_cast<const TH*>(a.h) + r * a.sh; };
   auto dyrow = [&](int64_t r) { return static_cast<const TO*>(a.dy) + r * a.sdy; };
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, RowSum& acc) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
     fVec p, q, u, v, g0, g1;
     load(hrow(r) + j, p, q, n);
     load(dyrow(r) + j, u, v, n);
     load(a.g + j, g0, g1, n);
-    acc.fma(u * g0, p, v * g1, q);
+    s0 = at::vec::fmadd(u * g0, p, s0);
+    s1 = at::vec::fmadd(v * g1, q, s1);
     if constexpr (DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
   };
-  RowSum acc0;
-  steps(0, N, [&](int64_t j, int64_t n) { stage_a(r0, j, n, acc0); });
-  float s = acc0.total();
+  std::conditional_t<LONG, Cascade, NoCascade> cas;  // as in forward_rows
+  fVec s0(0.f), s1(0.f);
+  steps(0, N, [&](int64_t j, int64_t n) {
+    stage_a(r0, j, n, s0, s1);
+    cas.step(s0, s1, j, n);
+  });
+  float s = cas.total(s0, s1);
   ColumnSums cw(dw, a.levels_dw, N), cb(db, a.levels_db, N);
   for (int64_t r = r0; r < r1; ++r) {
     const TH* h = hrow(r);
@@ -378,11 +411,15 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     const bool st = a.stream && can_stream(dx);
     const TH* dh = DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
     const bool next = r + 1 < r1;
-    RowSum acc;
+    fVec n0(0.f), n1(0.f);
+    cas.blocks = 0;
     const int64_t k = a.k;
     const fVec zero(0.f);
     steps(0, N, [&](int64_t j, int64_t n) {
-      if (next) stage_a(r + 1, j, n, acc);
+      if (next) {
+        stage_a(r + 1, j, n, n0, n1);
+        cas.step(n0, n1, j, n);
+      }
       fVec p, q, u, v, g0, g1;
       load(h + j, p, q, n);
       load(dy + j, u, v, n);
@@ -417,7 +454,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
         store(db + j, b0 + u, b1 + v, n);
       }
     });
-    s = acc.total();
+    s = cas.total(n0, n1);
     cw.row_done();
     cb.row_done();
   }
@@ -529,12 +566,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
           at::Tensor scratch = at::empty({blocks, 2 * N}, opts.dtype(th));
           TH* sp = static_cast<TH*>(scratch.data_ptr());
           for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
-            if (r0 < r1) forward_rows<TX, TH, TO, true>(a, r0, r1, sp + blk * 2 * N);
+            if (r0 >= r1) return;
+            if (N >= Cascade::kMinElements) forward_rows<TX, TH, TO, true, true>(a, r0, r1, sp + blk * 2 * N);
+            else forward_rows<TX, TH, TO, true, false>(a, r0, r1, sp + blk * 2 * N);
           });
         });
       } else {
         for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) {
-          if (r0 < r1) forward_rows<TX, TX, TO, false>(a, r0, r1, nullptr);
+          if (r0 >= r1) return;
+          if (k >= Cascade::kMinElements) forward_rows<TX, TX, TO, false, true>(a, r0, r1, nullptr);
+          else forward_rows<TX, TX, TO, false, false>(a, r0, r1, nullptr);
         });
       }
     });
@@ -615,8 +656,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
             b.levels_dw = need_dw ? base : nullptr;
             b.levels_db = need_db ? base + (need_dw ? nl : 0) * N : nullptr;
           }
-          if (a.dh) backward_rows<TH, TO, true>(b, r0, r1, dwb, dbb);
-          else backward_rows<TH, TO, false>(b, r0, r1, dwb, dbb);
+          const bool lng = N >= Cascade::kMinElements;
+          if (a.dh && lng) backward_rows<TH, TO, true, true>(b, r0, r1, dwb, dbb);
+          else if (a.dh) backward_rows<TH, TO, true, false>(b, r0, r1, dwb, dbb);
+          else if (lng) backward_rows<TH, TO, false, true>(b, r0, r1, dwb, dbb);
+          else backward_rows<TH, TO, false, false>(b, r0, r1, dwb, dbb);
         });
       });
     });
