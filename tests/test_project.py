@@ -39,3 +39,32 @@ def test_models_benchmark_runs_small(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     text = out.read_text()
     assert "exact Pre-RMSNorm" in text and text.count("rmsnorm.accelerate") == 2 and "allocator" in text
+
+
+def test_public_api_types_check(tmp_path):
+    """py.typed ships, and the overloads let `y: Tensor = rms_norm(x)` and the residual form type-check."""
+    mypy = pytest.importorskip("mypy.api")
+    assert (ROOT / "src" / "rmsnorm" / "py.typed").exists()
+    snippet = tmp_path / "use.py"
+    snippet.write_text(
+        "import torch, rmsnorm\nfrom torch import Tensor\n"
+        "x = torch.randn(2, 8)\n"
+        "y: Tensor = rmsnorm.rms_norm(x)\n"
+        "a, b = rmsnorm.rms_norm(x, residual=x)\n"
+        "m = rmsnorm.RMSNorm(8)\n"
+        "z: Tensor = m.forward(x)\n"
+        "p, q = m.forward(x, x)\n"
+        "bad: Tensor = rmsnorm.rms_norm(x, residual=x)\n")
+    out, _, status = mypy.run([str(snippet), "--follow-imports=silent", "--no-incremental"])
+    assert status == 1 and out.count("error:") == 1 and ":9:" in out, out
+
+
+def test_user_facing_text_speaks_of_the_project_only():
+    """No mention of issues, bars or ../shared files in code, CLI text or reports."""
+    bad = re.compile(r"\.\./shared|anchors\.md|\bissue'?s?\b|\bBars?\b")
+    hits = []
+    for path in list((ROOT / "src").rglob("*.py")) + list((ROOT / "benchmarks").rglob("*.py")):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if bad.search(line):
+                hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
+    assert not hits, "\n".join(hits)

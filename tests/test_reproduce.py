@@ -221,3 +221,30 @@ def test_allocator_choice(monkeypatch):
     assert len(calls) == 1
     with pytest.raises(SystemExit, match="libtcmalloc-minimal4"):
         cli._maybe_tcmalloc("tcmalloc")
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_evaluation_feeds_the_model_on_its_own_device(task, tmp_path, monkeypatch):
+    """No GPU needed: the model reports another device (meta) and checks every input it is given."""
+    from rmsnorm.reproduce import tasks as T
+    from rmsnorm.reproduce.presets import get_preset
+
+    t = T.make_task(task, get_preset("smoke").tasks[task], "sample", tmp_path)
+    model = t.build("rmsnorm", None)
+    monkeypatch.setattr(T, "_device", lambda m: torch.device("meta"))
+    seen = []
+
+    def on_meta(fn):
+        def wrapped(x, *a, **k):
+            seen.append(x.device.type)
+            return fn(torch.empty_like(x, device="cpu").copy_(torch.zeros(x.shape, dtype=x.dtype)), *a, **k)
+        return wrapped
+
+    for attr in ("greedy", "embed"):
+        if hasattr(model, attr):
+            monkeypatch.setattr(model, attr, on_meta(getattr(model, attr)))
+    if task == "image":
+        real = model.forward
+        monkeypatch.setattr(model, "forward", on_meta(real))
+    t.evaluate(model)
+    assert seen and set(seen) == {"meta"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import overload
 
 import torch
 from torch import Tensor
@@ -10,6 +11,21 @@ from torch import Tensor
 from . import args as _args
 from .args import Params
 from .ops import run
+
+
+@overload
+def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
+             eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
+             residual: None = None, cast: str = "fp32", out_dtype: torch.dtype | None = None,
+             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None) -> Tensor: ...
+
+
+@overload
+def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
+             eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
+             residual: Tensor, cast: str = "fp32", out_dtype: torch.dtype | None = None,
+             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None
+             ) -> tuple[Tensor, Tensor]: ...
 
 
 def rms_norm(

@@ -74,6 +74,11 @@ class MTData:
     test_src_text: list[str]
 
 
+def _device(model) -> torch.device:
+    """Where the model's parameters are: evaluation batches go there (CPU-built tensors otherwise)."""
+    return next(model.parameters()).device
+
+
 class Translation:
     metric, higher_is_better = "BLEU", True
 
@@ -118,9 +123,10 @@ class Translation:
 
         model.eval()
         hyps = []
+        dev = _device(model)
         with torch.no_grad():
             for i in range(0, len(self.data.test_src), 64):
-                src = self._pad(self.data.test_src[i:i + 64])
+                src = self._pad(self.data.test_src[i:i + 64]).to(dev)
                 out = model.greedy(src, max_len=min(self.size.max_len + 8, int(src.shape[1] * 1.5) + 8))
                 for row in out.tolist():
                     row = row[: row.index(EOS)] if EOS in row else row
@@ -170,8 +176,9 @@ class Retrieval(Translation):
 
     def evaluate(self, model) -> dict:
         model.eval()
+        dev = _device(model)
         with torch.no_grad():
-            emb = [torch.cat([model.embed(self._pad(seqs[i:i + 250], eos=True), side)
+            emb = [torch.cat([model.embed(self._pad(seqs[i:i + 250], eos=True).to(dev), side).float().cpu()
                               for i in range(0, len(seqs), 250)])
                    for side, seqs in ((0, self.data.test_src), (1, self.test_tgt))]
         model.train()
@@ -218,9 +225,11 @@ class Images:
     def evaluate(self, model) -> dict:
         model.eval()
         wrong = 0
+        dev = _device(model)
         with torch.no_grad():
             for i in range(0, len(self.y_test), 500):
-                wrong += (model(self.x_test[i:i + 500]).argmax(-1) != self.y_test[i:i + 500]).sum().item()
+                pred = model(self.x_test[i:i + 500].to(dev)).argmax(-1).cpu()
+                wrong += (pred != self.y_test[i:i + 500]).sum().item()
         model.train()
         return {"test error %": round(100.0 * wrong / len(self.y_test), 2), "examples": len(self.y_test)}
 
