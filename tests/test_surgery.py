@@ -348,3 +348,51 @@ def test_a_failed_convert_or_accelerate_leaves_the_model_as_it_was(monkeypatch):
     with pytest.raises(SurgeryError):
         rmsnorm.accelerate(model)
     _same(model, snap)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_t5_replacement_follows_the_models_dtype(dtype):
+    model, ref = _t5(), _t5()
+    ids = torch.randint(3, 96, (2, 11))
+    rmsnorm.accelerate(model)
+    model.to(dtype)
+    ref.to(dtype)
+    out, expect = _forward(model, ids), _forward(ref, ids)
+    assert out.dtype == expect.dtype == dtype
+    tol = DTYPE_TOL.get(dtype, 2e-2)
+    assert (out.float() - expect.float()).abs().max().item() <= tol * (1 + expect.float().abs().max().item())
+
+
+def test_llama4_norms_are_recognised():
+    llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+    holder = nn.ModuleDict({"norm": llama4.Llama4TextRMSNorm(64, eps=1e-5), "qk": llama4.Llama4TextL2Norm(1e-6)})
+    with torch.no_grad():
+        holder["norm"].weight.uniform_(0.5, 1.5)
+    originals = {k: v for k, v in holder.items()}
+    report = rmsnorm.accelerate(holder)
+    assert len(report.changed) == 2 and not report.skipped, str(report)
+    assert holder["norm"].weight is originals["norm"].weight
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 64, dtype=dtype)
+        for k in ("norm", "qk"):
+            a, b = holder[k](x), originals[k](x)  # same (fp32) gain; bf16 input: promotion as the original
+            assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5), k
+
+
+def test_accelerate_partitioned_weights():
+    """DeepSpeed ZeRO-3 leaves each weight as an empty shard with its full shape in ds_shape."""
+    model = _decoder("llama")
+    ids = torch.randint(3, 96, (2, 11))
+    ref = _forward(model, ids).detach()
+    full = {}
+    for name, m in model.named_modules():
+        if type(m).__name__ == "LlamaRMSNorm":
+            full[name] = m.weight.data
+            m.weight.data = torch.empty(0)
+            m.weight.ds_shape = tuple(full[name].shape)
+    report = rmsnorm.accelerate(model)
+    assert len(report.changed) == len(full) and not report.skipped, str(report)
+    for name, data in full.items():  # "gather": the shared parameter gets its data back
+        model.get_submodule(name).weight.data = data
+    out = _forward(model, ids).detach()
+    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 
 EPS_MODES = ("inside", "outside")
-CASTS = ("fp32", "llama")
+CASTS = ("fp32", "llama", "t5")
 ROUNDINGS = ("ceil", "floor")
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
 
@@ -183,8 +183,21 @@ def default_out_dtype(h_dtype: torch.dtype, weight: torch.Tensor | None, cast: s
 
     cast="fp32": the dtype of the normalized tensor (torch.nn.RMSNorm returns x's dtype, also for a
     gain of another dtype). cast="llama": the promotion of that dtype and the gain's, as Hugging Face's
-    ``weight * hidden.to(input_dtype)`` gives.
+    ``weight * hidden.to(input_dtype)`` gives. cast="t5": the gain's dtype (T5's ``weight * hidden``
+    with hidden in fp32, or rounded to a half-precision gain's dtype).
     """
     if cast == "llama" and weight is not None:
         return torch.promote_types(h_dtype, weight.dtype)
+    if cast == "t5" and weight is not None:
+        return weight.dtype
     return h_dtype
+
+
+def rounds_to_input_dtype(cast: str, h_dtype: torch.dtype, weight: torch.Tensor | None) -> bool:
+    """Whether the normalized row is rounded to h's dtype before the gain: always for "llama"; for "t5"
+    when the gain is half precision (T5 rounds to the gain's dtype: the same when the dtypes agree, and
+    within one rounding of it otherwise)."""
+    if cast == "llama":
+        return True
+    return (cast == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
+            and weight.dtype == h_dtype)

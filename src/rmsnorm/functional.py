@@ -54,7 +54,8 @@ def rms_norm(
 
     All N elements are divided by r; the gradient of r flows only into the first k. Statistics
     accumulate in fp32 (fp64 for fp64). ``cast="fp32"`` computes everything in fp32 with one final cast
-    (torch.nn.RMSNorm); ``cast="llama"`` rounds h/r to h's dtype before the gain (Hugging Face Llama).
+    (torch.nn.RMSNorm); ``cast="llama"`` rounds h/r to h's dtype before the gain (Hugging Face Llama);
+    ``cast="t5"`` follows the gain's dtype (rounds to a half-precision gain's dtype, outputs in it).
 
     The normalized shape is ``normalized_shape``, else weight's (or bias's) shape, else ``x.shape[-1:]``.
     The default eps=1e-6 differs from :class:`rmsnorm.RMSNorm`'s eps=None (torch.nn.RMSNorm's default);
@@ -82,5 +83,5 @@ def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Ten
     if out_dtype is None:
         out_dtype = _args.default_out_dtype(h_dtype, weight, cast)
     prm = Params(_args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
-                 cast == "llama")
+                 _args.rounds_to_input_dtype(cast, h_dtype, weight))
     return nd, prm, out_dtype

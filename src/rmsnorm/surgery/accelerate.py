@@ -14,7 +14,12 @@ Presets (families, examples; numerics):
 - olmo: OLMo hybrid, FlexOlmo, AFMoE; all fp32 (gain included), output in the input dtype.
 - gemma4: Gemma 3n/4 (``with_scale``); all fp32, optional gain, output in the input dtype.
 - t5: T5, LongT5, UMT5, Switch, Pix2Struct, Idefics; fp32 statistics, rounded to a half-precision gain's
-  dtype (exact when the input has that dtype); an fp32 gain gives an fp32 output.
+  dtype, output in the gain's dtype (cast="t5": follows the gain through .to() / .half()).
+- llama4: Llama 4's text RMSNorm (normalized in fp32, rounded to the input dtype, times the gain:
+  cast="llama"); l2norm: its gainless Llama4TextL2Norm over the last dimension (a LastDimRMSNorm).
+
+Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and records the full shape as
+``ds_shape``) are shared as they are; the replacement takes its shape from ``ds_shape``.
 - torch: torch.nn.RMSNorm; torch's numerics (cast="fp32").
 """
 
@@ -65,6 +70,19 @@ def forward(self, hidden_states):
     if self.weight.dtype in [torch.float16, torch.bfloat16]:
         hidden_states = hidden_states.to(self.weight.dtype)
     return self.weight * hidden_states
+""",
+    "llama4": """
+def _norm(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+def forward(self, x):
+    output = self._norm(x.float()).type_as(x)
+    return output * self.weight
+""",
+    "l2norm": """
+def _norm(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+def forward(self, x):
+    return self._norm(x.float()).type_as(x)
 """,
     "gemma4": """
 def _norm(self, hidden_states):
@@ -127,17 +145,43 @@ def _eps(module: nn.Module, default: float | None) -> float | None:
     return default
 
 
-def replacement(module: nn.Module, family: str) -> RMSNorm:
+class LastDimRMSNorm(nn.Module):
+    """Gainless RMSNorm over the last dimension of whatever it is given (shape fixed by no parameter):
+    fp32 statistics, the result rounded to the input's dtype (Llama 4's L2 norm)."""
+
+    def __init__(self, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ..functional import rms_norm
+
+        return rms_norm(x, eps=self.eps, cast="llama")
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+def _shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The parameter's full shape, also when it is partitioned (DeepSpeed ZeRO-3 keeps it in ds_shape)."""
+    return tuple(getattr(weight, "ds_shape", None) or weight.shape)
+
+
+def replacement(module: nn.Module, family: str) -> nn.Module:
     """An RMSNorm reproducing ``module`` (of a known family) and sharing its parameters."""
     weight = getattr(module, "weight", None)
     if family == "torch":
         new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
+    elif family == "l2norm":
+        new = LastDimRMSNorm(_eps(module, 1e-6))
     else:
         if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
             raise ValueError(f"{type(module).__name__} has no weight parameter")
-        shape = tuple(weight.shape) if weight is not None else None
+        shape = _shape(weight) if weight is not None else None
+        if shape is not None and 0 in shape:
+            raise ValueError(f"{type(module).__name__}'s weight is empty {shape} and records no full shape")
         eps = _eps(module, 1e-6)
-        if family == "llama":
+        if family in ("llama", "llama4"):
             new = RMSNorm(shape, eps, cast="llama")
         elif family == "gemma":
             new = RMSNorm(shape, eps, offset=1.0)
@@ -148,12 +192,10 @@ def replacement(module: nn.Module, family: str) -> RMSNorm:
             dim = shape or (getattr(module, "dim", None),)
             new = RMSNorm(dim, eps, elementwise_affine=with_scale)
         elif family == "t5":
-            half = weight.dtype in (torch.float16, torch.bfloat16)
-            # exact when the input has the gain's dtype (T5 rounds to the gain's dtype, "llama" to the input's)
-            new = RMSNorm(shape, eps, cast="llama" if half else "fp32", out_dtype=None if half else torch.float32)
+            new = RMSNorm(shape, eps, cast="t5")
         else:
             raise ValueError(f"unknown family {family!r}")
-    if new.weight is not None:
+    if getattr(new, "weight", None) is not None:
         new.weight = weight
     new.train(module.training)
     return new
@@ -171,11 +213,11 @@ def accelerate(model: nn.Module) -> SurgeryReport:
     report = SurgeryReport("accelerate RMSNorm modules")
     plan = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, RMSNorm):
+        if isinstance(module, (RMSNorm, LastDimRMSNorm)):
             continue
         family = family_of(type(module))
         if family is None:
-            if re.search(r"RMSNorm|T5LayerNorm", type(module).__name__):
+            if re.search(r"RMSNorm|T5LayerNorm|L2Norm", type(module).__name__):
                 report.skipped.append((name, f"{type(module).__name__}: forward is not a known RMSNorm family"))
             continue
         try:
