@@ -131,12 +131,15 @@ def _gpt2(cls=None, n_layer=2):
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_embd=64, n_layer=n_layer, n_head=4, vocab_size=96, n_positions=32,
                                   bos_token_id=0, eos_token_id=0)
-    model = (cls or transformers.GPT2LMHeadModel)(cfg).eval()
+    return _randomize_layernorms((cls or transformers.GPT2LMHeadModel)(cfg).eval(), bias_std=0.2)
+
+
+def _randomize_layernorms(model, bias_std):
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.LayerNorm):
                 m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.2)
+                m.bias.normal_(0, bias_std)
     return model
 
 
@@ -226,13 +229,7 @@ def _bigcode():
     cfg = transformers.GPTBigCodeConfig(vocab_size=96, n_positions=64, n_embd=64, n_layer=2, n_head=4,
                                         bos_token_id=1, eos_token_id=2)
     torch.manual_seed(0)
-    model = transformers.GPTBigCodeForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return model
+    return _randomize_layernorms(transformers.GPTBigCodeForCausalLM(cfg).eval(), bias_std=0.1)
 
 
 def _snapshot(model):

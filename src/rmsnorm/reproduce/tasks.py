@@ -76,7 +76,8 @@ class MTData:
 
 def _device(model) -> torch.device:
     """Where the model's parameters are: evaluation batches go there (CPU-built tensors otherwise)."""
-    return next(model.parameters()).device
+    p = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    return p.device if p is not None else torch.device("cpu")
 
 
 class Translation:

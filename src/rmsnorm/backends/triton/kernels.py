@@ -132,6 +132,15 @@ def _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE: tl.constexpr):
 
 
 @triton.jit
+def _dw_term(hf, dyf, rstd, H_TY: tl.constexpr, LLAMA: tl.constexpr):
+    """A row's contribution to dW: dy * h * rstd (with LLAMA, the normalized row rounded to h's dtype)."""
+    xh = hf * rstd
+    if LLAMA:
+        xh = xh.to(H_TY).to(tl.float32)
+    return dyf * xh
+
+
+@triton.jit
 def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
@@ -238,10 +247,7 @@ def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, strid
             dx += tl.load(DH + r64 * stride_dh + cols, mask=cmask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
         if NEED_DW:
-            xh = h * rstd
-            if LLAMA:
-                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
-            dw_acc += dy * xh
+            dw_acc += _dw_term(h, dy, rstd, Hp.dtype.element_ty, LLAMA)
         if NEED_DB:
             db_acc += dy
     if NEED_DW:
@@ -360,10 +366,7 @@ def _bwd_team(DY, DH, Hp, W, RSTD, DX, DWP, DBP, PART, ARR, GEN, stride_dy, stri
             dx += tl.load(DH + row * stride_dh + cols, mask=cols < tl.where(valid, N, 0), other=0.0).to(tl.float32)
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
         if NEED_DW:
-            xh = hf * rstd
-            if LLAMA:
-                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
-            dw_acc += dyf * xh
+            dw_acc += _dw_term(hf, dyf, rstd, Hp.dtype.element_ty, LLAMA)
         if NEED_DB:
             db_acc += dyf
         h = hn
