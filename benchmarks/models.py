@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 
 import rmsnorm
-from rmsnorm.bench.alloc import allocator
-from rmsnorm.bench.sweep import cpu_model
+from rmsnorm.host import allocator, cpu_model
 
 
 def _step(model, ids):

@@ -196,7 +196,7 @@ def test_retrieval_scores_and_loss(tmp_path):
 def test_allocator_choice(monkeypatch):
     """--allocator auto re-runs the console command under tcmalloc when it is installed, never under
     torchrun or when called as a function; tcmalloc without the library is a clear error."""
-    from rmsnorm.bench import alloc
+    from rmsnorm import host as alloc
     from rmsnorm.reproduce import cli
 
     calls = []

@@ -19,7 +19,7 @@ def _info(_: argparse.Namespace) -> int:
     print(f"python {platform.python_version()}  torch {torch.__version__}  platform {platform.platform()}")
     print(f"threads {torch.get_num_threads()} (torch.get_num_threads)  cpu capability "
           f"{torch.backends.cpu.get_cpu_capability()}  cuda {torch.cuda.is_available()}")
-    from rmsnorm.bench.alloc import allocator, find_tcmalloc
+    from rmsnorm.host import allocator, find_tcmalloc
 
     tc = find_tcmalloc()
     print(f"allocator {allocator()}  (tcmalloc {'at ' + tc if tc else 'not installed: Debian libtcmalloc-minimal4'}; "

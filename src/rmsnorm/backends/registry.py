@@ -1,6 +1,10 @@
 """Backend registry: what each backend supports, whether it is available, and how one is chosen.
 
-A backend is a forward and a backward with the interface described in :mod:`rmsnorm.backends.rows`.
+A backend is a :class:`Backend` record: a forward and a backward (the :class:`ForwardFn` and
+:class:`BackwardFn` contracts below, on tensors of the caller's shape), optionally an eager forward that
+records its own autograd node (:class:`AutogradFn`), the devices and dtypes it serves, and a check that
+says whether it can run here (and why not). Backends register themselves when imported; importing one
+imports no heavy dependency (Triton, the compiled CPU library) until it is first used.
 """
 
 from __future__ import annotations
@@ -10,11 +14,39 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple, Protocol
 
 import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..args import Params
 
 ENV_VAR = "RMSNORM_BACKEND"
+
+
+class ForwardFn(Protocol):
+    """(y, h | None, rstd): y in ``out_dtype`` and x's shape, h = x + residual in residual's dtype (only with
+    a residual), rstd = 1 / r per row in the fp32 (fp64) compute dtype, of the batch shape."""
+
+    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
+                 prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]: ...
+
+
+class BackwardFn(Protocol):
+    """(dh, dw | None, db | None): dh in h's dtype and shape (dy's gradient plus ``dh``, the gradient of the
+    h output); dw and db in the parameters' dtypes and shapes, when asked for."""
+
+    def __call__(self, dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
+                 rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool
+                 ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
+
+
+class AutogradFn(Protocol):
+    """An eager forward that records its own autograd node: (y, h | None)."""
+
+    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
+                 prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -23,14 +55,12 @@ class Backend:
     priority: int  # higher wins when choosing automatically
     devices: frozenset[str]  # device types; "*" for any
     dtypes: frozenset[torch.dtype]  # dtypes of x, residual and the output
-    forward: Callable
-    backward: Callable
+    forward: ForwardFn
+    backward: BackwardFn
     check_available: Callable[[], str | None]  # None when usable, else why not (may build on first call)
     description: str
-    limits: Callable[[torch.Tensor], str | None] | None = None  # per-input extra limits (e.g. max N)
     auto_devices: frozenset[str] | None = None  # devices where automatic choice may pick it (None: all)
-    # optional eager forward recorded for autograd natively (same signature as forward, returns (y, h|None))
-    autograd: Callable | None = None
+    autograd: AutogradFn | None = None  # optional eager forward recorded for autograd natively
 
     def unavailable_reason(self) -> str | None:
         return _availability(self)
@@ -43,7 +73,7 @@ class Backend:
                          ("out_dtype", out_dtype)):
             if dt is not None and dt not in self.dtypes:
                 return f"{what} dtype {dt} is not supported"
-        return None if self.limits is None else self.limits(x)
+        return None
 
 
 class BackendInfo(NamedTuple):
@@ -137,7 +167,7 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
         source = ENV_VAR
     key = (name, x.device, x.dtype, None if residual is None else residual.dtype, out_dtype)
     be = _SELECT_CACHE.get(key)
-    if be is not None and (be.limits is None or be.limits(x) is None):
+    if be is not None:
         return be
     if name is not None:
         if source == ENV_VAR and name not in _REGISTRY:

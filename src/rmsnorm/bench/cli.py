@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import shlex
-import sys
 import time
 from pathlib import Path
 
 from ..cli_args import choices_list, device, positive_float, positive_int, writable_dir
-from .alloc import allocator, rerun_under_tcmalloc
+from ..host import allocator, command_line, rerun_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
 from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
 
@@ -67,8 +65,7 @@ def main(args: argparse.Namespace) -> int:
     cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
                       providers=providers, device=device, samples=args.samples, budget_s=args.budget)
     out = args.out or writable_dir(str(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}"))
-    command = "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["bench"] else \
-        "rmsnorm bench"
+    command = command_line("bench")
     t0 = time.time()
     print(f"rmsnorm bench: {len(cfg.shapes)} shapes x {len(dtypes)} dtypes x {len(modes)} modes on {device}, "
           f"{torch.get_num_threads()} threads, allocator {allocator()} -> {out}", flush=True)

@@ -1,4 +1,4 @@
-"""Reports from sweep rows: CSV, a Markdown table with ratios and bar checks, a PNG of GB/s against N."""
+"""Reports from sweep rows: CSV, a Markdown table with ratios and the CPU targets checked, a PNG of GB/s against N."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import csv
 import json
 from collections import defaultdict
 from pathlib import Path
+
+from ..host import pyplot
 
 OURS, P_VARIANT, LN, RMS, COMPILED = "rmsnorm", "rmsnorm p=0.0625", "torch.layer_norm", "torch.rms_norm", \
     "torch.compile(rms_norm)"
@@ -159,12 +161,8 @@ def bars_markdown(bars: list[tuple[str, bool, str]]) -> str:
 
 def plot(rows: list[dict], path: Path, title: str = "") -> bool:
     """GB/s against N per provider (fwd and fwd+bwd, one column per dtype); False without matplotlib."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return False
     rows = [r for r in rows if r.get("type") == "result" and r["m"] * r["n"] >= 1 << 18]
     dtypes = list(dict.fromkeys(r["dtype"] for r in rows))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .alloc import allocator
+from ..host import allocator, cpu_model
 from .providers import Case, Provider, registry
 from .timing import measure_group
 
@@ -30,17 +30,6 @@ class SweepConfig:
     device: str = "cpu"
     samples: int = 10
     budget_s: float = 0.5
-
-
-def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _git_sha() -> str:

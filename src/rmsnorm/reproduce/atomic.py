@@ -7,14 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 
-def atomic_text(path: Path, text: str) -> None:
+def atomic_file(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` writes the whole file at a temporary path beside ``path``, which then replaces it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="")
+    write(tmp)
     os.replace(tmp, path)
+
+
+def atomic_text(path: Path, text: str) -> None:
+    atomic_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline=""))
 
 
 def atomic_json(path: Path, obj: dict) -> None:
@@ -25,7 +31,4 @@ def atomic_save(obj: dict, path: Path) -> None:
     """torch.save, atomically."""
     import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_file(path, lambda tmp: torch.save(obj, tmp))

@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-from ..bench.alloc import allocator, rerun_under_tcmalloc
-from ..bench.sweep import cpu_model
 from ..cli_args import UsageError, backend_name, choices_list, device, positive_int, run_command, writable_dir
+from ..host import allocator, command_line, cpu_model, rerun_under_tcmalloc
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
 from .tasks import TASKS, check_tasks
@@ -106,8 +104,7 @@ def _main(args: argparse.Namespace) -> int:
     from .tasks import make_task
 
     dd = Dist(args.device)
-    meta = {"preset": preset.name, "command": "rmsnorm reproduce " + " ".join(shlex.quote(a) for a in sys.argv[2:])
-            if sys.argv[1:2] == ["reproduce"] else "rmsnorm reproduce",
+    meta = {"preset": preset.name, "command": command_line("reproduce"),
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "backend": args.backend or _auto_backend(args.device), "world_size": dd.world, "allocator": allocator(),

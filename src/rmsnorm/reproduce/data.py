@@ -19,13 +19,12 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from .atomic import atomic_text
+from .atomic import atomic_file, atomic_text
 
 APT = "sudo apt-get install sword-text-web sword-text-sparv diatheke dataset-fashion-mnist"
 SAMPLE_DIR = Path(__file__).with_name("data")
@@ -137,9 +136,12 @@ def prepare_fashion(out: Path) -> Path:
         "x_test": _read_idx(files["t10k-images-idx3"]), "y_test": _read_idx(files["t10k-labels-idx1"]),
     }
     path = out / FILES["fashion"]
-    with tempfile.NamedTemporaryFile(dir=out, suffix=".npz", delete=False) as fh:
-        np.savez_compressed(fh, **arrays)
-    os.replace(fh.name, path)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **arrays)
+
+    atomic_file(path, write)
     return path
 
 

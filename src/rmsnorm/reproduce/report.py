@@ -5,16 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 import statistics
 from pathlib import Path
 
-from .atomic import atomic_json, atomic_text
+from ..host import pyplot
+from .atomic import atomic_file, atomic_json, atomic_text
 from .norms import VARIANTS
 from .paper import PAPER
-from .tasks import TASK_TITLES
+from .tasks import TASK_TITLES, metric_of
 
-METRICS = ("BLEU", "test error %", "R@1")  # each task's headline quality
 MORE_METRICS = ("R@5", "R@10", "Es→En R@1", "Es→En R@5", "Es→En R@10", "median rank")
 
 
@@ -34,11 +33,11 @@ def collect(out: Path) -> dict:
         t = json.loads(path.read_text())
         for v, secs in t["seconds_per_step"].items():
             table.setdefault(t["task"], {}).setdefault(v, {"runs": []})["timing"] = [1000 * s for s in secs]
-    for variants in table.values():
+    for task, variants in table.items():
         ln = variants.get("layernorm", {}).get("timing")
         for d in variants.values():
             runs = d["runs"]
-            metric = next((k for k in METRICS if runs and k in runs[0]), None)
+            metric = metric_of(task) if runs and metric_of(task) in runs[0] else None
             d["metric"] = metric
             d["quality"] = _mean_std([r[metric] for r in runs]) if metric else (float("nan"), float("nan"))
             d["more"] = {k: _mean_std([r[k] for r in runs]) for k in MORE_METRICS if runs and k in runs[0]}
@@ -121,12 +120,8 @@ def markdown(out: Path, table: dict, meta: dict) -> str:
 
 def figures(out: Path, table: dict) -> None:
     """Training loss against steps and against training wall time (the paper's Figure 1), mean over seeds."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return
     (out / "figures").mkdir(exist_ok=True)
     for task, variants in table.items():
@@ -151,10 +146,8 @@ def figures(out: Path, table: dict) -> None:
         axes[0].legend()
         fig.suptitle(TASK_TITLES.get(task, task), fontsize=10)
         fig.tight_layout()
-        tmp = out / "figures" / f".{task}.png"
-        fig.savefig(tmp, dpi=100, format="png")
+        atomic_file(out / "figures" / f"{task}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
         plt.close(fig)
-        os.replace(tmp, out / "figures" / f"{task}.png")
 
 
 def write_report(out: Path, meta: dict) -> Path:

@@ -4,16 +4,37 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from . import data as D
+from .atomic import atomic_file
 from .models import BOS, EOS, PAD, ConvPoolCNNC, GRURetrieval, GRUSeq2Seq, TransformerMT
 from .presets import TaskSize
 
-TASKS = ("mt-gru", "mt-transformer", "image", "retrieval")
+
+class Task(Protocol):
+    """One experiment: its data, deterministic batches, model, loss and evaluation. ``metric`` names the
+    headline quality in what :meth:`evaluate` returns."""
+
+    name: str
+    metric: str
+
+    def build(self, variant: str, backend: str | None) -> torch.nn.Module: ...
+
+    def batch(self, seed: int, step: int, rank: int = 0, world: int = 1) -> tuple: ...
+
+    def loss(self, model: Any, batch: tuple) -> torch.Tensor: ...
+
+    def evaluate(self, model: Any) -> dict: ...
+
+    def trivial_baseline(self) -> dict: ...
+
+
+TASKS = ("mt-gru", "mt-transformer", "image", "retrieval")  # the registry below, in report order
 TASK_TITLES = {
     "mt-gru": "MT En→Es, GRU encoder-decoder with attention (RNNSearch)",
     "mt-transformer": "MT En→Es, post-norm Transformer",
@@ -56,10 +77,7 @@ def train_tokenizer(texts: list[str], vocab: int, path: Path):
     trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=["<pad>", "<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(texts, trainer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tok.save(str(tmp))
-    tmp.replace(path)
+    atomic_file(path, lambda tmp: tok.save(str(tmp)))
     return tok
 
 
@@ -81,7 +99,7 @@ def _device(model) -> torch.device:
 
 
 class Translation:
-    metric, higher_is_better = "BLEU", True
+    metric = "BLEU"
 
     def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
@@ -150,7 +168,7 @@ class Retrieval(Translation):
     embeddings, GRU text encoder) with the Spanish verse in place of the image. Trained with the hinge
     loss over in-batch negatives of order embeddings / VSE (margin 0.2, both directions)."""
 
-    metric, higher_is_better = "R@1", True
+    metric = "R@1"
     margin = 0.2
 
     def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
@@ -198,7 +216,7 @@ class Retrieval(Translation):
 # ----------------------------------------------------------------------------------------------- images
 
 class Images:
-    metric, higher_is_better = "test error %", False
+    metric = "test error %"
 
     def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
@@ -238,6 +256,19 @@ class Images:
         return {"chance error %": 90.0}
 
 
-def make_task(name: str, size: TaskSize, which: str, work: Path):
-    cls = {"image": Images, "retrieval": Retrieval}.get(name, Translation)
+TASK_CLASSES: dict[str, type] = {"mt-gru": Translation, "mt-transformer": Translation, "image": Images,
+                                 "retrieval": Retrieval}
+assert tuple(TASK_CLASSES) == TASKS
+
+
+def make_task(name: str, size: TaskSize, which: str, work: Path) -> Task:
+    """The task called ``name`` (one of TASKS); an unknown name is refused."""
+    cls = TASK_CLASSES.get(name)
+    if cls is None:
+        raise ValueError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
     return cls(name, size, which, work)
+
+
+def metric_of(name: str) -> str:
+    """The headline quality metric of task ``name``."""
+    return TASK_CLASSES[name].metric

@@ -496,15 +496,22 @@ at::Tensor rows(const at::Tensor& t, int64_t M, int64_t N, const char* what) {
   return r;
 }
 
+// A parameter as a contiguous fp32 row of N elements (undefined when absent).
+at::Tensor f32_row(const std::optional<at::Tensor>& t, int64_t N) {
+  if (!t.has_value()) return at::Tensor();
+  at::Tensor r = t->dim() == 1 ? *t : t->reshape({N});
+  if (r.scalar_type() != at::kFloat) r = r.to(at::kFloat);
+  if (!r.is_contiguous()) r = r.contiguous();
+  return r;
+}
+
+// The gain weight + offset as an fp32 row (1 + offset everywhere without a weight).
 at::Tensor gain(const std::optional<at::Tensor>& weight, int64_t N, double offset) {
   if (!weight.has_value()) {
     return at::full({N}, static_cast<float>(1.0 + offset), at::TensorOptions().dtype(at::kFloat));
   }
-  at::Tensor g = weight->dim() == 1 ? *weight : weight->reshape({N});
-  if (g.scalar_type() != at::kFloat) g = g.to(at::kFloat);
-  if (!g.is_contiguous()) g = g.contiguous();
-  if (offset != 0.0) g = g + offset;
-  return g;
+  at::Tensor g = f32_row(weight, N);
+  return offset != 0.0 ? g + offset : g;
 }
 
 struct Shape {
@@ -544,12 +551,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const at::Tensor x2 = rows(x, M, N, "x");
   const at::Tensor r2 = res ? rows(*residual, M, N, "residual") : at::Tensor();
   const at::Tensor g = gain(weight, N, offset);
-  at::Tensor b;
-  if (bias.has_value()) {
-    b = bias->dim() == 1 ? *bias : bias->reshape({N});
-    if (b.scalar_type() != at::kFloat) b = b.to(at::kFloat);
-    if (!b.is_contiguous()) b = b.contiguous();
-  }
+  const at::Tensor b = f32_row(bias, N);
   if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
   const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
               res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),

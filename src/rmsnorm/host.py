@@ -1,4 +1,5 @@
-"""Which malloc a process uses, and re-running a command under tcmalloc.
+"""Facts about the host that bench, reproduce and the CLI report: the CPU model, the command line that
+made a result, which malloc the process uses, and re-running a command under tcmalloc.
 
 glibc's malloc returns large freed blocks to the kernel and page-faults them back on the next
 allocation; on the 2-core development machine an allocating 256 MB copy runs at about a quarter of its
@@ -10,8 +11,41 @@ from __future__ import annotations
 
 import ctypes.util
 import os
+import platform
+import shlex
 import sys
 from pathlib import Path
+
+
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), else what platform knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def pyplot():
+    """matplotlib.pyplot on the non-interactive Agg backend, or None when matplotlib is not installed (the
+    figures are optional: the reports say what they would show)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def command_line(subcommand: str) -> str:
+    """The ``rmsnorm SUBCOMMAND ...`` command this process runs, as typed (else just the subcommand)."""
+    if sys.argv[1:2] == [subcommand]:
+        return "rmsnorm " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    return f"rmsnorm {subcommand}"
 
 TCMALLOC_CANDIDATES = ("/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4",
                        "/usr/lib/x86_64-linux-gnu/libtcmalloc.so.4",
