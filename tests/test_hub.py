@@ -6,7 +6,6 @@ from torch import nn
 
 kernels = pytest.importorskip("kernels")
 
-import rmsnorm  # noqa: E402
 from rmsnorm.hub import RMSNorm, kernel_mapping  # noqa: E402
 
 
