@@ -81,7 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return run_command(f"rmsnorm {args.command}", args.fn, args)
+    try:
+        return run_command(f"rmsnorm {args.command}", args.fn, args)
+    except BrokenPipeError:  # `rmsnorm ... | head`: the reader left; stop quietly
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -97,6 +97,14 @@ def writable_dir(text: str) -> Path:
     return path
 
 
+def output_dir(path: Path) -> Path:
+    """writable_dir for a default chosen by the command (not typed by the user): a UsageError if unusable."""
+    try:
+        return writable_dir(str(path))
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"output folder: {exc}") from None
+
+
 def run_command(prog: str, fn: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     """Run a command; a UsageError becomes one line on stderr and exit status 2."""
     try:

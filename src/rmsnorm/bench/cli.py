@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from ..cli_args import choices_list, device, positive_float, positive_int, writable_dir
+from ..cli_args import choices_list, device, output_dir, positive_float, positive_int, writable_dir
 from ..host import allocator, command_line, rerun_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
 from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
@@ -64,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     providers = _listed(args.providers, registry(), "provider")
     cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
                       providers=providers, device=device, samples=args.samples, budget_s=args.budget)
-    out = args.out or writable_dir(str(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}"))
+    out = args.out or output_dir(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}")
     command = command_line("bench")
     t0 = time.time()
     print(f"rmsnorm bench: {len(cfg.shapes)} shapes x {len(dtypes)} dtypes x {len(modes)} modes on {device}, "

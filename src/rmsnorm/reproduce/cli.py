@@ -11,7 +11,16 @@ from pathlib import Path
 
 import torch
 
-from ..cli_args import UsageError, backend_name, choices_list, device, positive_int, run_command, writable_dir
+from ..cli_args import (
+    UsageError,
+    backend_name,
+    choices_list,
+    device,
+    output_dir,
+    positive_int,
+    run_command,
+    writable_dir,
+)
 from ..host import allocator, command_line, cpu_model, rerun_under_tcmalloc
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
@@ -83,7 +92,9 @@ def _main(args: argparse.Namespace) -> int:
     if any(t.startswith("mt") for t in tasks) and not _importable("sacrebleu"):
         raise UsageError("the translation tasks need sacrebleu: install the experiments extra "
                          "(pip install 'rmsnorm[experiments]')")
-    out = args.out or writable_dir(str(Path("runs") / f"reproduce-{preset.name}"))
+    out = args.out or Path("runs") / f"reproduce-{preset.name}"
+    if not args.dry_run:
+        out = output_dir(out)  # a plan shows where it would write, and creates nothing
     if args.threads:
         torch.set_num_threads(args.threads)
     runs = [(t, v, s) for t in tasks for s in range(preset.seeds) for v in variants]
