@@ -393,3 +393,39 @@ def test_accelerate_partitioned_weights():
         model.get_submodule(name).weight.data = data
     out = _forward(model, ids).detach()
     assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item())
+
+
+def _family(name, **over):
+    t = transformers
+    cfg, cls, kw = {
+        "gpt-neo": (t.GPTNeoConfig, t.GPTNeoForCausalLM,
+                    dict(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
+                         attention_types=[[["global", "local"], 1]], window_size=16)),
+        "gpt-j": (t.GPTJConfig, t.GPTJForCausalLM, dict(vocab_size=96, n_positions=64, n_embd=64, n_layer=2,
+                                                       n_head=4, rotary_dim=8)),
+        "opt": (t.OPTConfig, t.OPTForCausalLM, dict(vocab_size=96, max_position_embeddings=64, hidden_size=64,
+                                                    num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
+                                                    word_embed_proj_dim=64)),
+    }[name]
+    torch.manual_seed(0)
+    return _randomize_layernorms(cls(cfg(**{**kw, **over})).eval(), bias_std=0.1)
+
+
+@pytest.mark.parametrize("family", ["gpt-neo", "gpt-j", "opt"])
+def test_exact_conversion_of_other_pre_ln_families(family):
+    model = _family(family)
+    ids = torch.randint(3, 96, (2, 11))
+    ref = model(ids).logits
+    report = rmsnorm.convert(model, exact=True)
+    assert not any(isinstance(m, nn.LayerNorm) for m in model.modules()), str(report)
+    out = model(ids).logits
+    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item()), family
+    out.square().mean().backward()  # still trains
+
+
+def test_post_ln_opt_is_refused_before_any_change():
+    model = _family("opt", do_layer_norm_before=False)
+    snap = _snapshot(model)
+    with pytest.raises(ExactConversionError, match="post-LN"):
+        rmsnorm.convert(model, exact=True)
+    _same(model, snap)

@@ -8,12 +8,15 @@ bias are then folded into the linear layer that reads its output, leaving a plai
 model computes the same function (in eval mode: dropout on a zero-mean vector does not keep it
 zero-mean, so training-mode outputs differ as with any dropout mask).
 
-Supported: Hugging Face GPT-2 models (GPT2Model, GPT2LMHeadModel, GPT2ForSequenceClassification, ...)
-and models of the same layout with nn.Linear layers (GPTBigCode). All or nothing: an error anywhere leaves
-the model exactly as it was (:mod:`rmsnorm.surgery.transaction`).
+Supported (:data:`LAYOUTS`): Hugging Face GPT-2 (GPT2Model and its heads), GPTBigCode, GPT-Neo, GPT-J
+(parallel attention and MLP) and pre-LN OPT; anything else is refused before any change, with the reason
+for each family. All or nothing: an error anywhere leaves the model exactly as it was
+(:mod:`rmsnorm.surgery.transaction`).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -29,32 +32,97 @@ class ExactConversionError(ValueError):
     """The model is not one this exact transformation is known to be exact for."""
 
 
-def _gpt2_body(model: nn.Module) -> tuple[nn.Module, str]:
-    body, prefix = (model.transformer, "transformer.") if hasattr(model, "transformer") else (model, "")
-    name = type(model).__name__
-    needed = ("wte", "wpe", "h", "ln_f")
-    missing = [a for a in needed if not hasattr(body, a)]
-    if missing:
-        raise ExactConversionError(
-            f"exact conversion supports GPT-2-style Pre-LN models (Hugging Face GPT2Model and its heads); "
-            f"{name} is not one: it has no {', '.join(missing)}. For other architectures it cannot be exact "
-            f"unless every writer into the residual stream can be centered; use convert(model) (not exact) "
-            f"and fine-tune instead")
-    for i, block in enumerate(body.h):
-        for path in ("ln_1", "ln_2", "attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"):
-            try:
-                block.get_submodule(path)
-            except AttributeError:
-                raise ExactConversionError(f"{name}: block {i} has no {path}; not a GPT-2 block") from None
-        if hasattr(block, "crossattention") or hasattr(block, "ln_cross_attn"):
-            raise ExactConversionError(f"{name}: block {i} has cross-attention, whose LayerNorm reads a stream "
-                                       "this conversion does not center")
-        for ln in (block.ln_1, block.ln_2):
-            if not isinstance(ln, nn.LayerNorm):
-                raise ExactConversionError(f"{name}: block {i} norm is {type(ln).__name__}, not nn.LayerNorm")
-    if not isinstance(body.ln_f, nn.LayerNorm):
-        raise ExactConversionError(f"{name}: final norm is {type(body.ln_f).__name__}, not nn.LayerNorm")
-    return body, prefix
+@dataclass(frozen=True)
+class Layout:
+    """Where a Pre-LN family keeps what the conversion touches (paths relative to the body / a block)."""
+
+    family: str
+    body: str  # the body's path in the model ("" for the model itself)
+    embeddings: tuple[str, ...]  # embeddings that write into the residual stream
+    blocks: str  # the ModuleList of blocks
+    sublayers: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...]  # (norm, readers, writers) per block
+    final: str  # the final norm
+    no: tuple[str, ...] = ()  # block submodules that break the algebra (cross-attention reads another stream)
+
+
+_GPT2_SUB = (("ln_1", ("attn.c_attn",), ("attn.c_proj",)), ("ln_2", ("mlp.c_fc",), ("mlp.c_proj",)))
+LAYOUTS = (
+    # GPT-2 (Conv1D layers) and GPTBigCode (nn.Linear, multi-query c_attn)
+    Layout("GPT-2 / GPTBigCode", "transformer", ("wte", "wpe"), "h", _GPT2_SUB, "ln_f",
+           no=("crossattention", "ln_cross_attn")),
+    Layout("GPT-Neo", "transformer", ("wte", "wpe"), "h",
+           (("ln_1", ("attn.attention.q_proj", "attn.attention.k_proj", "attn.attention.v_proj"),
+             ("attn.attention.out_proj",)), ("ln_2", ("mlp.c_fc",), ("mlp.c_proj",))), "ln_f"),
+    # GPT-J: attention and MLP in parallel, both reading ln_1, both writing into the stream (rotary: no wpe)
+    Layout("GPT-J", "transformer", ("wte",), "h",
+           (("ln_1", ("attn.q_proj", "attn.k_proj", "attn.v_proj", "mlp.fc_in"), ("attn.out_proj", "mlp.fc_out")),),
+           "ln_f"),
+    Layout("OPT (pre-LN)", "model.decoder", ("embed_tokens", "embed_positions"), "layers",
+           (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+             ("self_attn.out_proj",)), ("final_layer_norm", ("fc1",), ("fc2",))), "final_layer_norm"),
+)
+
+
+def _get(root: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return root.get_submodule(path) if path else root
+    except AttributeError:
+        return None
+
+
+def _mismatch(model: nn.Module, lay: Layout) -> str | None:
+    """Why ``model`` does not have this layout (None: it has)."""
+    if getattr(getattr(model, "config", None), "do_layer_norm_before", True) is False:
+        return "it is post-LN (do_layer_norm_before=False): its norms read the sublayer outputs"
+    body = _get(model, lay.body)
+    if body is None and all(_get(model, e) is not None for e in lay.embeddings):
+        body = model  # the bare body (GPT2Model, ...)
+    if body is None:
+        return f"no {lay.body}"
+    for path in (*lay.embeddings, lay.blocks, lay.final):
+        if _get(body, path) is None:
+            return f"no {path}"
+    for path in lay.embeddings:
+        if not isinstance(_get(body, path), nn.Embedding):
+            return f"{path} is not an nn.Embedding"
+    blocks = _get(body, lay.blocks)
+    if not isinstance(blocks, nn.ModuleList) or len(blocks) == 0:
+        return f"{lay.blocks} is not a list of blocks"
+    norms = [_get(body, lay.final)]
+    for i, block in enumerate(blocks):
+        for bad in lay.no:
+            if _get(block, bad) is not None:
+                return f"block {i} has {bad}, whose norm reads a stream this conversion does not center"
+        for norm, readers, writers in lay.sublayers:
+            norms.append(_get(block, norm))
+            for path in (*readers, *writers):
+                layer = _get(block, path)
+                if not (isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D"):
+                    return f"block {i} has no linear layer {path}"
+    for ln in norms:
+        if not isinstance(ln, nn.LayerNorm) or type(ln).forward is not nn.LayerNorm.forward:
+            return f"a norm is {type(ln).__name__}, not a plain nn.LayerNorm"
+    decoder = _get(model, "model.decoder")
+    if decoder is not None and any(_get(decoder, p) is not None for p in ("project_in", "project_out")):
+        return "it projects the embeddings in and out of the stream"
+    return None
+
+
+def find_layout(model: nn.Module) -> tuple[Layout, nn.Module, str]:
+    """(layout, body, body prefix) of a supported Pre-LN model; ExactConversionError with every reason else."""
+    reasons = []
+    for lay in LAYOUTS:
+        why = _mismatch(model, lay)
+        if why is None:
+            body = _get(model, lay.body)
+            if body is None:
+                return lay, model, ""
+            return lay, body, lay.body + "." if lay.body else ""
+        reasons.append(f"{lay.family}: {why}")
+    raise ExactConversionError(
+        f"exact conversion supports Pre-LN models of the families {', '.join(x.family for x in LAYOUTS)}; "
+        f"{type(model).__name__} is none of them ({'; '.join(reasons)}). It cannot be exact unless every writer "
+        f"into the residual stream can be centered; use convert(model) (not exact) and fine-tune instead")
 
 
 def _center_rows_(tx: Transaction, weight: torch.Tensor) -> None:
@@ -86,7 +154,8 @@ def _center_output_(tx: Transaction, layer: nn.Module) -> None:
 
 
 def _fold_into_conv_(tx: Transaction, ln: nn.LayerNorm, layer: nn.Module) -> None:
-    """layer(n * g + beta) = n @ (g[:, None] * W) + (beta @ W + c), W as (in, out)."""
+    """layer(n * g + beta) = n @ (g[:, None] * W) + (beta @ W + c), W as (in, out). A layer without a bias
+    gets one (a zero bias added beforehand, see _with_bias) when beta is nonzero."""
     g = ln.weight.double() if ln.weight is not None else None
     beta = ln.bias.double() if ln.bias is not None else None
     w = _in_out(layer)
@@ -126,18 +195,35 @@ def _plain_rmsnorm(ln: nn.LayerNorm, affine: bool) -> RMSNorm:
     return new
 
 
+def _with_bias(model: nn.Module, path: str, layer: nn.Module) -> nn.Module:
+    """An nn.Linear without a bias gets a zero one (same weight Parameter), so a LayerNorm bias can be
+    folded into it; other layers are returned as they are."""
+    if not isinstance(layer, nn.Linear) or layer.bias is not None:
+        return layer
+    new = nn.Linear(layer.in_features, layer.out_features, bias=True, device=layer.weight.device,
+                    dtype=layer.weight.dtype)
+    new.weight = layer.weight
+    new.bias.data.zero_()
+    new.train(layer.training)
+    move_hooks(layer, new)
+    set_submodule(model, path, new)
+    return new
+
+
 @torch.no_grad()
 def convert_exact(model: nn.Module) -> SurgeryReport:
     """See the module docstring. All or nothing: on any error the model is restored and the error raised."""
-    body, prefix = _gpt2_body(model)
+    layout, body, prefix = find_layout(model)
     with transaction(model) as tx:
-        return _convert_exact(model, body, prefix, tx)
+        return _convert_exact(model, layout, body, prefix, tx)
 
 
-def _convert_exact(model: nn.Module, body: nn.Module, prefix: str, tx: Transaction) -> SurgeryReport:
-    report = SurgeryReport("exact Pre-LN -> Pre-RMSNorm (zero-mean residual stream)")
+def _convert_exact(model: nn.Module, layout: Layout, body: nn.Module, prefix: str, tx: Transaction
+                   ) -> SurgeryReport:
+    report = SurgeryReport(f"exact Pre-LN -> Pre-RMSNorm ({layout.family}; zero-mean residual stream)")
     head_name = next((h for h in _HEADS if isinstance(getattr(model, h, None), nn.Linear)), None)
-    if head_name is not None and getattr(model, head_name).weight is body.wte.weight:
+    token_embedding = body.get_submodule(layout.embeddings[0])
+    if head_name is not None and getattr(model, head_name).weight is token_embedding.weight:
         head = getattr(model, head_name)  # tied: keep the uncentered embedding for the output layer
         untied = nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
                            device=head.weight.device, dtype=head.weight.dtype)
@@ -146,28 +232,35 @@ def _convert_exact(model: nn.Module, body: nn.Module, prefix: str, tx: Transacti
             untied.bias.copy_(head.bias)
         set_submodule(model, head_name, untied)
         report.changed.append((head_name, "untied from the token embedding"))
-    for name in ("wte", "wpe"):
-        _center_rows_(tx, getattr(body, name).weight)
+    for name in layout.embeddings:
+        _center_rows_(tx, body.get_submodule(name).weight)
         report.changed.append((prefix + name, "embedding rows centered (zero mean over the hidden size)"))
-    for i, block in enumerate(body.h):
-        p = f"{prefix}h.{i}."
-        for ln_name, reader, writer in (("ln_1", "attn.c_attn", "attn.c_proj"), ("ln_2", "mlp.c_fc", "mlp.c_proj")):
-            _center_output_(tx, block.get_submodule(writer))
-            report.changed.append((p + writer, "output weights and bias centered"))
-            ln = getattr(block, ln_name)
-            _fold_into_conv_(tx, ln, block.get_submodule(reader))
-            report.changed.append((p + reader, f"{ln_name} gain and bias folded in"))
-            setattr(block, ln_name, _plain_rmsnorm(ln, affine=False))
+    for i, block in enumerate(body.get_submodule(layout.blocks)):
+        p = f"{prefix}{layout.blocks}.{i}."
+        for ln_name, readers, writers in layout.sublayers:
+            for writer in writers:
+                _center_output_(tx, block.get_submodule(writer))
+                report.changed.append((p + writer, "output weights and bias centered"))
+            ln = block.get_submodule(ln_name)
+            for reader in readers:
+                layer = block.get_submodule(reader)
+                if ln.bias is not None:
+                    layer = _with_bias(block, reader, layer)
+                _fold_into_conv_(tx, ln, layer)
+                report.changed.append((p + reader, f"{ln_name} gain and bias folded in"))
+            set_submodule(block, ln_name, _plain_rmsnorm(ln, affine=False))
             report.changed.append((p + ln_name, "LayerNorm -> RMSNorm (no affine)"))
+    final = body.get_submodule(layout.final)
     if head_name is not None:
         head = getattr(model, head_name)
-        set_submodule(model, head_name, _fold_into_linear(body.ln_f, head))
-        report.changed.append((head_name, "ln_f gain and bias folded in (own weight and bias)"))
-        body.ln_f = _plain_rmsnorm(body.ln_f, affine=False)
-        report.changed.append((prefix + "ln_f", "LayerNorm -> RMSNorm (no affine)"))
+        set_submodule(model, head_name, _fold_into_linear(final, head))
+        report.changed.append((head_name, f"{layout.final} gain and bias folded in (own weight and bias)"))
+        set_submodule(body, layout.final, _plain_rmsnorm(final, affine=False))
+        report.changed.append((prefix + layout.final, "LayerNorm -> RMSNorm (no affine)"))
     else:
-        body.ln_f = _plain_rmsnorm(body.ln_f, affine=True)
-        report.changed.append((prefix + "ln_f", "LayerNorm -> RMSNorm (gain and bias kept: no layer to fold into)"))
+        set_submodule(body, layout.final, _plain_rmsnorm(final, affine=True))
+        report.changed.append((prefix + layout.final,
+                               "LayerNorm -> RMSNorm (gain and bias kept: no layer to fold into)"))
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "tie_word_embeddings"):
         tx.setattr(config, "tie_word_embeddings", False)
