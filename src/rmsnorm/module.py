@@ -96,26 +96,43 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if residual is None and type(x) is Tensor and not torch.compiler.is_compiling():
-            # Fast path for small, frequent calls (an RNN step): the checked arguments are cached per
-            # (dtypes, devices, options); only x's trailing shape is checked again.
-            w, b = self.weight, self.bias
-            key = (x.dtype, x.device, None if w is None else (w.dtype, w.device, w.shape),
-                   None if b is None else (b.dtype, b.device, b.shape), self.eps, self.p, self.eps_mode,
-                   self.partial_rounding, self.offset, self.cast, self.out_dtype, self.normalized_shape)
-            cache = self.__dict__.setdefault("_resolved", {})
+            # Fast path for small, frequent calls (an RNN step): the checked arguments are cached per dtypes
+            # and devices; changing an option (or a parameter) clears the cache (__setattr__), and only x's
+            # trailing shape is checked again. Parameters come straight from _parameters for this class
+            # (a subclass, e.g. one made by parametrize, goes through its own attribute lookup).
+            if type(self) is RMSNorm:
+                params = self._parameters
+                w, b = params.get("weight"), params.get("bias")
+            else:
+                w, b = self.weight, self.bias
+            key = (x.dtype, x.device, None if w is None else (w.dtype, w.device),
+                   None if b is None else (b.dtype, b.device))
+            cache = self.__dict__.get("_resolved")
+            if cache is None:
+                cache = self.__dict__["_resolved"] = {}
             hit = cache.get(key)
             if hit is None:
                 if len(cache) > 32:
                     cache.clear()
-                hit = cache[key] = resolve(x, w, b, None, self.normalized_shape, self.eps, self.eps_mode, self.p,
-                                           self.partial_rounding, self.offset, self.cast, self.out_dtype)
-            nd, prm, out_dtype = hit
-            if x.dim() >= nd and x.shape[x.dim() - nd:] == self.normalized_shape:
+                hit = cache[key] = (*resolve(x, w, b, None, self.normalized_shape, self.eps, self.eps_mode, self.p,
+                                             self.partial_rounding, self.offset, self.cast, self.out_dtype),
+                                    None if w is None else w.shape, None if b is None else b.shape)
+            nd, prm, out_dtype, w_shape, b_shape = hit
+            if (x.dim() >= nd and x.shape[x.dim() - nd:] == self.normalized_shape
+                    and (w is None or w.shape == w_shape) and (b is None or b.shape == b_shape)):
                 return run(x, w, b, None, nd, prm, out_dtype, self.backend)[0]
         return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
                         partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
                         cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape,
                         backend=self.backend)
+
+    _OPTIONS = frozenset({"eps", "p", "eps_mode", "partial_rounding", "offset", "cast", "out_dtype",
+                          "normalized_shape", "weight", "bias", "backend"})
+
+    def __setattr__(self, name: str, value: object) -> None:
+        if name in RMSNorm._OPTIONS:
+            self.__dict__.pop("_resolved", None)  # the fast path's checked arguments depend on it
+        super().__setattr__(name, value)
 
     def extra_repr(self) -> str:
         parts = [f"{self.normalized_shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]

@@ -52,7 +52,13 @@ def measure_group(fns: dict[str, Callable[[], object]], device: str = "cpu", *, 
             fn()
             _sync(device)
             calls += 1
-        batches[name] = max(1, int(min_sample_s / max((time.perf_counter() - t0) / calls, 1e-9)))
+        # the batch size comes from calls after the warm-up: a first call may carry one-time costs (loading
+        # a library, filling caches) that would shrink the batches to one call each
+        t1 = time.perf_counter()
+        for _ in range(3):
+            fn()
+        _sync(device)
+        batches[name] = max(1, int(min_sample_s / max((time.perf_counter() - t1) / 3, 1e-9)))
     times: dict[str, list[float]] = {name: [] for name in fns}
     start = time.perf_counter()
     rounds = 0
