@@ -68,3 +68,14 @@ def test_user_facing_text_speaks_of_the_project_only():
             if bad.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+def test_bench_latency_mode_runs(tmp_path, monkeypatch):
+    from rmsnorm.bench import latency
+
+    monkeypatch.setattr(latency, "SHAPES", [(2, 64)])
+    rows = latency.run(tmp_path, [__import__("torch").float32], threads=(1,))
+    assert {r["provider"] for r in rows} == set(latency.PROVIDERS) and len(rows) == 3 * len(latency.PROVIDERS)
+    assert all(r["median_us"] > 0 for r in rows)
+    text = (tmp_path / "latency.md").read_text()
+    assert "| 1 | 2×64 | float32 | fwd+bwd |" in text

@@ -42,6 +42,9 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=writable_dir, default=None,
                    help="output folder (default bench-results/<time>-<device>)")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--latency", action="store_true",
+                   help="instead of the sweep: per-call cost on small shapes (1x4096, 8x4096, 64x480, 64x512) at 1 "
+                        "and 2 threads, module and functional calls against nn.LayerNorm / F.layer_norm")
     p.set_defaults(fn=main)
 
 
@@ -61,6 +64,14 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes, modes = _listed(args.dtypes, DTYPES, "dtype"), _listed(args.modes, MODES, "mode")
+    if getattr(args, "latency", False):
+        from . import latency
+
+        out = args.out or output_dir(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-latency")
+        print(f"rmsnorm bench --latency: {len(latency.SHAPES)} shapes, allocator {allocator()} -> {out}", flush=True)
+        latency.run(out, [DTYPES[d] for d in dtypes])
+        print((out / "latency.md").read_text(), flush=True)
+        return 0
     providers = _listed(args.providers, registry(), "provider")
     cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
                       providers=providers, device=device, samples=args.samples, budget_s=args.budget)
