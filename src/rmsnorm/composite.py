@@ -114,12 +114,12 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
             d = d - corr if k == n else torch.cat([d[..., :k] - corr, d[..., k:]], dim=-1)
             gh = d.reshape(h.shape)
         rows = tuple(range(len(batch)))
-        if need_w:
+        if need_w and weight is not None:
             xhat = hf * rstd
             if prm.llama:
                 xhat = xhat.to(h.dtype).to(cd)
             gw = (dyf * xhat).sum(rows).reshape(weight.shape).to(weight.dtype)
-        if need_b:
+        if need_b and bias is not None:
             gb = dyf.sum(rows).reshape(bias.shape).to(bias.dtype)
     if need_h:
         if gh is None:
@@ -127,9 +127,9 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
         if has_residual and dh is not None:
             gh = gh + dh.to(cd)
         gh = gh.to(h.dtype)
-    if need_w and gw is None:
+    if need_w and gw is None and weight is not None:
         gw = torch.zeros_like(weight)
-    if need_b and gb is None:
+    if need_b and gb is None and bias is not None:
         gb = torch.zeros_like(bias)
     dx = None if gh is None or not needs[0] else (gh if gh.dtype == x_dtype else gh.to(x_dtype))
     dres = gh if (needs[3] and has_residual) else None

@@ -66,7 +66,10 @@ def rms_norm(
     nd, prm, out_dtype = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding,
                                  offset, cast, out_dtype)
     y, h = run(x, weight, bias, residual, nd, prm, out_dtype, backend)
-    return (y, h) if residual is not None else y
+    if residual is not None:
+        assert h is not None
+        return y, h
+    return y
 
 
 def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,

@@ -47,15 +47,19 @@ def _options(cls: type) -> tuple[str, float] | None:
             return None
         from .surgery.accelerate import family_of
 
-        _OPTIONS[cls] = _FAMILY_OPTIONS.get(family_of(cls))
+        family = family_of(cls)
+        _OPTIONS[cls] = _FAMILY_OPTIONS.get(family) if family is not None else None
     return _OPTIONS[cls]
 
 
 def _tagged_classes(root: type = nn.Module) -> list[type]:
     """Module classes tagged for this layer (``use_kernel_forward_from_hub("RMSNorm")``), loaded so far."""
-    found, stack, seen = [], [root], set()
+    found: list[type] = []
+    stack: list[type] = [root]
+    seen: set[type] = set()
     while stack:
-        for sub in stack.pop().__subclasses__():
+        subclasses: list[type] = stack.pop().__subclasses__()
+        for sub in subclasses:
             if sub not in seen:
                 seen.add(sub)
                 stack.append(sub)

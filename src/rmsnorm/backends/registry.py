@@ -186,7 +186,7 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
 
 
 def _auto(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype) -> Backend:
-    skipped = []
+    skipped: list[str] = []
     for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
         if be.auto_devices is not None and x.device.type not in be.auto_devices:
             continue
