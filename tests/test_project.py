@@ -79,3 +79,15 @@ def test_bench_latency_mode_runs(tmp_path, monkeypatch):
     assert all(r["median_us"] > 0 for r in rows)
     text = (tmp_path / "latency.md").read_text()
     assert "| 1 | 2×64 | float32 | fwd+bwd |" in text
+
+
+def test_surgery_coverage_script_runs_a_subset(tmp_path):
+    """benchmarks/surgery_coverage.py (docs/surgery.md) on the first few classes: every replaced one agrees."""
+    pytest.importorskip("transformers")
+    out = tmp_path / "surgery.md"
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "surgery_coverage.py"), "--limit", "12",
+                          "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    text = out.read_text()
+    m = re.search(r"(\d+) classes: (\d+) replaced and compared, (\d+) within the targets", text)
+    assert m and int(m.group(1)) == 12 and int(m.group(2)) > 0 and m.group(2) == m.group(3), text[:2000]
