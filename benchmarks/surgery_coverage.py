@@ -7,9 +7,10 @@ For each ``transformers.models.*.modeling_*`` module, classes named like a norm 
 T5LayerNorm, LayerNorm subclasses) are instantiated with a hidden size of 64 (or left with the reason),
 their gains randomized, and put through ``rmsnorm.accelerate`` (RMSNorm-like classes) or
 ``rmsnorm.convert(keep_bias=True)`` (LayerNorm subclasses, compared on zero-mean rows). Replaced modules
-are compared with the original on random input: fp32 max |Δ| relative to the output's scale, bf16 identical or the max difference in bf16 ulps,
-and the fp32 input and weight gradients of one backward. This is per module, not per model: the
-model-level checks (logits of tiny models) are the tests in tests/test_surgery.py.
+are compared with the original on random input: fp32 max |Δ| relative to the output's scale, bf16
+identical or the max difference in bf16 ulps, and the fp32 input and weight gradients of one backward.
+This is per module, not per model: the model-level checks (logits of tiny models) are the tests in
+tests/test_surgery.py.
 """
 
 from __future__ import annotations
