@@ -139,7 +139,7 @@ def child(args) -> int:
         if not done:
             log(type="meta", card="CPU (Triton interpreter smoke run)", sms=sms, l2_bytes=l2, torch=torch.__version__,
                 date=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
-    total, ns = (1 << 12, [128, 512]) if smoke else (TOTAL, NS)
+    total, ns = (1 << 11, [128]) if smoke else (TOTAL, NS)
     deadline = args.start + args.budget
     refs = references(dev, smoke)
     for dname, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):

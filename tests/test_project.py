@@ -91,3 +91,22 @@ def test_surgery_coverage_script_runs_a_subset(tmp_path):
     text = out.read_text()
     m = re.search(r"(\d+) classes: (\d+) replaced and compared, (\d+) within the targets", text)
     assert m and int(m.group(1)) == 12 and int(m.group(2)) > 0 and m.group(2) == m.group(3), text[:2000]
+
+
+@pytest.mark.slow
+def test_gpu_scripts_smoke_runs_in_the_interpreter(tmp_path):
+    """The GPU session's scripts, on CPU tensors in Triton's interpreter at tiny sizes (they run for real only
+    when a GPU is lent: they must not fail there for a reason a CPU run would have shown)."""
+    pytest.importorskip("triton")
+    env = {**__import__("os").environ, "TRITON_INTERPRET": "1"}
+    tune = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_tune.py"), "--smoke", "--out",
+                           str(tmp_path / "tune"), "--table", str(tmp_path / "tuned.json")],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert tune.returncode == 0, tune.stderr[-3000:]
+    table = __import__("json").loads((tmp_path / "tuned.json").read_text())
+    assert table["fwd"] and table["bwd"] and "Failed checks:\nnone" in (tmp_path / "tune" / "tune.md").read_text()
+    check = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--smoke", "--out",
+                            str(tmp_path / "check"), "--budget", "120"],
+                           capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert check.returncode == 0 and "correctness PASS" in check.stdout, (check.stdout + check.stderr)[-3000:]
+    assert (tmp_path / "check" / "block.md").exists()
