@@ -375,16 +375,3 @@ def _bwd_team(DY, DH, Hp, W, RSTD, DX, DWP, DBP, PART, ARR, GEN, stride_dy, stri
         tl.store(DWP + team.to(tl.int64) * N + cols, dw_acc, mask=cmask)
     if NEED_DB:
         tl.store(DBP + team.to(tl.int64) * N + cols, db_acc, mask=cmask)
-
-
-@triton.jit
-def _sum_rows(P, OUT, R, N, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr):
-    """OUT[c] = sum over r of P[r, c], rows in a fixed order, written in OUT's dtype (the dW/db reduction)."""
-    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cmask = cols < N
-    acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        rows = r0 + tl.arange(0, BLOCK_R)
-        acc += tl.load(P + rows.to(tl.int64)[:, None] * N + cols[None, :], mask=(rows < R)[:, None] & cmask[None, :],
-                       other=0.0)
-    tl.store(OUT + cols, tl.sum(acc, axis=0).to(OUT.dtype.element_ty), mask=cmask)

@@ -139,9 +139,8 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
     f32 = {"dtype": torch.float32, "device": h.device}
-    if m == 0:
-        zeros = torch.zeros((n,), **f32)
-        return dx, (zeros if need_dw else None), (zeros if need_db else None)
+    if m == 0:  # two tensors: dW and db must not share storage
+        return dx, (torch.zeros((n,), **f32) if need_dw else None), (torch.zeros((n,), **f32) if need_db else None)
     w = weight.contiguous() if weight is not None else h
     d = dh if dh is not None else h
     flags = {"HAS_DH": dh is not None, "HAS_W": weight is not None, "NEED_DW": need_dw, "NEED_DB": need_db,
@@ -179,11 +178,6 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
             grid = (triton.cdiv(n, cfg.block_n), programs)
             kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars, BLOCK_N=cfg.block_n,
                                      num_warps=cfg.num_warps, **flags)
-    dw = reduce_partials(dwp) if need_dw else None  # fixed-order reduction of per-program partials
-    db = reduce_partials(dbp) if need_db else None
+    dw = dwp.sum(0) if need_dw else None  # fixed-order reduction of per-program partials
+    db = dbp.sum(0) if need_db else None
     return dx, dw, db
-
-
-def reduce_partials(p: torch.Tensor, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Column sums of the (programs, N) fp32 partials, rows in a fixed order (deterministic)."""
-    return p.sum(0) if out_dtype == torch.float32 else p.sum(0).to(out_dtype)
