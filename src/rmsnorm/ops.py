@@ -49,8 +49,7 @@ def backward_impl(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | Non
                   rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool, backend: str
                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients (d h in h's dtype, dw in weight's dtype | None, db in bias's dtype | None)."""
-    be = registry.get(backend) if backend else _backend("", h, None, dy.dtype)
-    return be.backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db)
+    return _backend(backend, h, None, dy.dtype).backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db)
 
 
 # -------------------------------------------------------------------------------------- custom ops
@@ -159,7 +158,7 @@ class KernelFunction(torch.autograd.Function):
         return dx, dw, db, dres, None, None, None, None
 
 
-def _decomposed(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None) -> bool:
+def _decomposed() -> bool:
     """Calls the kernels cannot serve: jit tracing (and the legacy ONNX exporter), torch.func transforms."""
     return torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
 
@@ -177,7 +176,7 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
         y, h, _ = forward_op(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside, prm.offset,
                              prm.llama, out_dtype, backend or "")
         return y, (h if residual is not None else None)
-    if prm.k == 0 or _decomposed(x, weight, bias, residual):
+    if prm.k == 0 or _decomposed():
         return composite.forward(x, weight, bias, residual, nd, prm, out_dtype)
     be = registry.select(backend, x, residual, out_dtype)
     if torch.is_grad_enabled() and (

@@ -137,7 +137,7 @@ def load(force: bool = False, quiet: bool = False):
         want = stamp()
         mod = None if force else _cached(directory, want)
         if mod is None:
-            with _build_lock(directory, quiet):
+            with _build_lock(directory):
                 mod = None if force else _cached(directory, want)  # another process may have built it meanwhile
                 if mod is None:
                     mod = _build(directory, want, quiet)
@@ -165,25 +165,24 @@ def _cached(directory: Path, want: str):
 
 
 @contextlib.contextmanager
-def _build_lock(directory: Path, quiet: bool):
+def _build_lock(directory: Path):
     timeout = float(os.environ.get("RMSNORM_BUILD_TIMEOUT", "900"))
     path = directory / "rmsnorm.lock"
     with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            print(f"rmsnorm: another process is building the CPU kernels in {directory}; waiting (at most "
-                  f"{timeout:.0f} s)", file=sys.stderr, flush=True)
-            start = time.monotonic()
-            while True:
-                try:
-                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() - start > timeout:
-                        raise BuildError(f"timed out after {timeout:.0f} s waiting for another process to build the "
-                                         f"CPU kernels in {directory}") from None
-                    time.sleep(0.5)
+        start, told = time.monotonic(), False
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not told:
+                    print(f"rmsnorm: another process is building the CPU kernels in {directory}; waiting (at most "
+                          f"{timeout:.0f} s)", file=sys.stderr, flush=True)
+                    told = True
+                if time.monotonic() - start > timeout:
+                    raise BuildError(f"timed out after {timeout:.0f} s waiting for another process to build the "
+                                     f"CPU kernels in {directory}") from None
+                time.sleep(0.5)
         try:
             # torch's own lock file: a build killed midway leaves it; nobody else can be building now
             (directory / "lock").unlink(missing_ok=True)

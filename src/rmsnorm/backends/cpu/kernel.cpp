@@ -161,6 +161,11 @@ inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
   return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
 }
 
+// Sum of a vector's lanes.
+inline float hsum(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& u, fVec& w) { return u + w; }, v);
+}
+
 // A row's sum with bounded round-off. The caller's two vector accumulators (kept in registers) take
 // kBlock steps; each block's sum is then pushed here and added pairwise (a binary counter of partial
 // sums), so the error grows like kBlock + log2(blocks) terms instead of N / kW: torch's cascade sum does
@@ -197,7 +202,7 @@ struct Cascade {
     for (int i = 0; (blocks >> i) != 0; ++i) {
       if ((blocks >> i) & 1) t = t + fVec::loadu(level + i * kF);
     }
-    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, t);
+    return hsum(t);
   }
 };
 
@@ -205,9 +210,7 @@ struct Cascade {
 struct NoCascade {
   int64_t blocks = 0;
   inline void step(fVec&, fVec&, int64_t, int64_t) {}
-  inline float total(const fVec& s0, const fVec& s1) const {
-    return at::vec::vec_reduce_all<float>([](fVec& u, fVec& v) { return u + v; }, s0 + s1);
-  }
+  inline float total(const fVec& s0, const fVec& s1) const { return hsum(s0 + s1); }
 };
 
 struct Fwd {
