@@ -45,19 +45,19 @@ TOL = {"bf16": (2.0, 4.0), "fp32": (8.0, 64.0)}
 # ----------------------------------------------------------------------------------------------- candidates
 def candidates(kind: str, m: int, n: int, itemsize: int, sms: int, l2_bytes: int, smoke: bool) -> dict:
     """label -> config for one (pass, N, element size)."""
-    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
+    from rmsnorm.backends.triton.heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config, team_size
 
     out: dict = {}
     if kind == "fwd":
         out["default"] = fwd_config(m, n, itemsize, table={})
         if smoke:
-            out["team c32 w4"] = FwdConfig(1, 32, 4, False, team=triton_pow2(n, 32))
+            out["team c32 w4"] = FwdConfig(1, 32, 4, False, team=team_size(n, 32))
             out["l2 b32 p3"] = FwdConfig(1, 32, 4, False, programs=3, evict=True)
             return out
         if n >= FWD_TEAM_MIN_N:
             for chunk, warps in FWD_TEAM:
                 if chunk <= n // 2 and n // chunk <= 64:
-                    out[f"team c{chunk} w{warps}"] = FwdConfig(1, chunk, warps, False, team=triton_pow2(n, chunk))
+                    out[f"team c{chunk} w{warps}"] = FwdConfig(1, chunk, warps, False, team=team_size(n, chunk))
         if n >= L2_MIN_N:
             for frac in (0.5, 1.0):  # rows in flight: half the L2, all of it
                 programs = max(1, int(frac * l2_bytes) // (n * itemsize))
@@ -65,20 +65,13 @@ def candidates(kind: str, m: int, n: int, itemsize: int, sms: int, l2_bytes: int
         return out
     out["default"] = bwd_config(m, n, sms, itemsize, table={})
     if smoke:
-        out["team c32 w4"] = BwdConfig(1, 32, 4, False, 0, team=triton_pow2(n, 32))
+        out["team c32 w4"] = BwdConfig(1, 32, 4, False, 0, team=team_size(n, 32))
         return out
     if n >= BWD_TEAM_MIN_N:
         for chunk, warps in BWD_TEAM:
             if chunk <= n // 2 and n // chunk <= 64:
-                out[f"team c{chunk} w{warps}"] = BwdConfig(1, chunk, warps, False, 0, team=triton_pow2(n, chunk))
+                out[f"team c{chunk} w{warps}"] = BwdConfig(1, chunk, warps, False, 0, team=team_size(n, chunk))
     return out
-
-
-def triton_pow2(n: int, chunk: int) -> int:
-    g = 1
-    while g * chunk < n:
-        g *= 2
-    return g
 
 
 def table_entry(label: str, cfg) -> dict:

@@ -26,12 +26,9 @@ import torch
 from torch import nn
 
 from .functional import rms_norm
+from .surgery.accelerate import FAMILY_NUMERICS, family_of, module_eps
 
 LAYER_NAME = "RMSNorm"
-
-
-_FAMILY_OPTIONS = {"llama": ("llama", 0.0), "llama4": ("llama", 0.0), "gemma": ("fp32", 1.0), "olmo": ("fp32", 0.0),
-                   "t5": ("t5", 0.0), "gemma4": ("fp32", 0.0), "torch": ("fp32", 0.0)}
 
 
 _OPTIONS: dict[type, tuple[str, float] | None] = {}
@@ -45,10 +42,9 @@ def _options(cls: type) -> tuple[str, float] | None:
     if cls not in _OPTIONS:
         if torch.compiler.is_compiling():
             return None
-        from .surgery.accelerate import family_of
-
-        family = family_of(cls)
-        _OPTIONS[cls] = _FAMILY_OPTIONS.get(family) if family is not None else None
+        family = family_of(cls)  # gemma4 and torch: fp32 numerics with their own (optional) gain
+        _OPTIONS[cls] = (FAMILY_NUMERICS.get(family, ("fp32", 0.0)) if family not in (None, "l2norm")
+                         else None)
     return _OPTIONS[cls]
 
 
@@ -68,13 +64,6 @@ def _tagged_classes(root: type = nn.Module) -> list[type]:
     return found
 
 
-def _eps(module: nn.Module) -> float | None:
-    for attr in ("variance_epsilon", "eps"):
-        if hasattr(module, attr):
-            return getattr(module, attr)
-    return 1e-6
-
-
 def hub_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """The forward the layer gives ``module``: rms_norm with the options of its family, or its own forward."""
     options = _options(type(module))
@@ -84,7 +73,7 @@ def hub_forward(module: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     if weight is not None and getattr(module, "with_scale", True) is False:
         weight = None
     cast, offset = options
-    return rms_norm(hidden_states, weight, eps=_eps(module), cast=cast, offset=offset)
+    return rms_norm(hidden_states, weight, eps=module_eps(module), cast=cast, offset=offset)
 
 
 class RMSNorm(nn.Module):

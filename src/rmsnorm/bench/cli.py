@@ -64,10 +64,12 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtypes, modes = _listed(args.dtypes, DTYPES, "dtype"), _listed(args.modes, MODES, "mode")
-    if getattr(args, "latency", False):
+    latency_mode = getattr(args, "latency", False)
+    out = args.out or output_dir(Path("bench-results") /
+                                 f"{time.strftime('%Y%m%d-%H%M%S')}-{'latency' if latency_mode else device}")
+    if latency_mode:
         from . import latency
 
-        out = args.out or output_dir(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-latency")
         print(f"rmsnorm bench --latency: {len(latency.SHAPES)} shapes, allocator {allocator()} -> {out}", flush=True)
         latency.run(out, [DTYPES[d] for d in dtypes])
         print((out / "latency.md").read_text(), flush=True)
@@ -75,7 +77,6 @@ def main(args: argparse.Namespace) -> int:
     providers = _listed(args.providers, registry(), "provider")
     cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
                       providers=providers, device=device, samples=args.samples, budget_s=args.budget)
-    out = args.out or output_dir(Path("bench-results") / f"{time.strftime('%Y%m%d-%H%M%S')}-{device}")
     command = command_line("bench")
     t0 = time.time()
     print(f"rmsnorm bench: {len(cfg.shapes)} shapes x {len(dtypes)} dtypes x {len(modes)} modes on {device}, "

@@ -138,7 +138,14 @@ def family_of(cls: type) -> str | None:
         return None
 
 
-def _eps(module: nn.Module, default: float | None) -> float | None:
+# (cast, gain offset) that reproduce each family whose gain is a plain weight; gemma4 (optional gain),
+# torch (its own options) and l2norm (no gain, no fixed shape) are built apart in replacement().
+FAMILY_NUMERICS: dict[str, tuple[str, float]] = {"llama": ("llama", 0.0), "llama4": ("llama", 0.0),
+                                                 "gemma": ("fp32", 1.0), "olmo": ("fp32", 0.0), "t5": ("t5", 0.0)}
+
+
+def module_eps(module: nn.Module, default: float | None = 1e-6) -> float | None:
+    """The eps a family's module stores (``variance_epsilon`` or ``eps``), else ``default``."""
     for attr in ("variance_epsilon", "eps"):
         if hasattr(module, attr):
             return getattr(module, attr)
@@ -173,26 +180,21 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
     if family == "torch":
         new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
     elif family == "l2norm":
-        new = LastDimRMSNorm(_eps(module, 1e-6))
+        new = LastDimRMSNorm(module_eps(module))
     else:
         if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
             raise ValueError(f"{type(module).__name__} has no weight parameter")
         shape = _shape(weight) if weight is not None else None
         if shape is not None and 0 in shape:
             raise ValueError(f"{type(module).__name__}'s weight is empty {shape} and records no full shape")
-        eps = _eps(module, 1e-6)
-        if family in ("llama", "llama4"):
-            new = RMSNorm(shape, eps, cast="llama")
-        elif family == "gemma":
-            new = RMSNorm(shape, eps, offset=1.0)
-        elif family == "olmo":
-            new = RMSNorm(shape, eps)
+        eps = module_eps(module)
+        if family in FAMILY_NUMERICS:
+            cast, offset = FAMILY_NUMERICS[family]
+            new = RMSNorm(shape, eps, cast=cast, offset=offset)
         elif family == "gemma4":
             with_scale = bool(getattr(module, "with_scale", weight is not None))
             dim = shape or (getattr(module, "dim", None),)
             new = RMSNorm(dim, eps, elementwise_affine=with_scale)
-        elif family == "t5":
-            new = RMSNorm(shape, eps, cast="t5")
         else:
             raise ValueError(f"unknown family {family!r}")
     if getattr(new, "weight", None) is not None:

@@ -70,15 +70,25 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _body(model: nn.Module, lay: Layout) -> tuple[nn.Module, str] | None:
+    """(body, its name prefix) in ``model``: the layout's body path, or the model itself when it is the bare
+    body (GPT2Model, ...); None when neither."""
+    body = _get(model, lay.body)
+    if body is not None:
+        return body, lay.body + "." if lay.body else ""
+    if all(_get(model, e) is not None for e in lay.embeddings):
+        return model, ""
+    return None
+
+
 def _mismatch(model: nn.Module, lay: Layout) -> str | None:
     """Why ``model`` does not have this layout (None: it has)."""
     if getattr(getattr(model, "config", None), "do_layer_norm_before", True) is False:
         return "it is post-LN (do_layer_norm_before=False): its norms read the sublayer outputs"
-    body = _get(model, lay.body)
-    if body is None and all(_get(model, e) is not None for e in lay.embeddings):
-        body = model  # the bare body (GPT2Model, ...)
-    if body is None:
+    found = _body(model, lay)
+    if found is None:
         return f"no {lay.body}"
+    body = found[0]
     for path in (*lay.embeddings, lay.blocks, lay.final):
         if _get(body, path) is None:
             return f"no {path}"
@@ -113,11 +123,9 @@ def find_layout(model: nn.Module) -> tuple[Layout, nn.Module, str]:
     reasons = []
     for lay in LAYOUTS:
         why = _mismatch(model, lay)
-        if why is None:
-            body = _get(model, lay.body)
-            if body is None:
-                return lay, model, ""
-            return lay, body, lay.body + "." if lay.body else ""
+        found = _body(model, lay)
+        if why is None and found is not None:
+            return lay, *found
         reasons.append(f"{lay.family}: {why}")
     raise ExactConversionError(
         f"exact conversion supports Pre-LN models of the families {', '.join(x.family for x in LAYOUTS)}; "

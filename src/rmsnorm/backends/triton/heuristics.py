@@ -105,7 +105,8 @@ def _tuned_entry(kind: str, n: int, itemsize: int, table: dict) -> dict | None:
     return below[-1] if below else None
 
 
-def _team_size(n: int, chunk: int) -> int:
+def team_size(n: int, chunk: int) -> int:
+    """Programs per row for chunks of ``chunk`` columns: the power of two that covers N."""
     return triton.next_power_of_2(triton.cdiv(n, chunk))
 
 
@@ -128,7 +129,7 @@ def _fwd(m: int, n: int, itemsize: int, limits: Limits, table: dict) -> FwdConfi
     e = _tuned_entry("fwd", n, itemsize, table)
     if e is not None:
         if e["kind"] == "team":
-            return FwdConfig(1, e["block_n"], e["num_warps"], False, team=_team_size(n, e["block_n"]))
+            return FwdConfig(1, e["block_n"], e["num_warps"], False, team=team_size(n, e["block_n"]))
         if e["kind"] == "looped":
             return FwdConfig(1, e["block_n"], e["num_warps"], False, programs=e.get("programs", 0),
                              evict=e.get("evict", False))
@@ -142,7 +143,7 @@ def _fwd(m: int, n: int, itemsize: int, limits: Limits, table: dict) -> FwdConfi
 def _bwd(m: int, n: int, sms: int, itemsize: int, limits: Limits, table: dict) -> BwdConfig:
     e = _tuned_entry("bwd", n, itemsize, table)
     if e is not None and e["kind"] == "team":
-        return BwdConfig(1, e["block_n"], e["num_warps"], False, 0, team=_team_size(n, e["block_n"]))
+        return BwdConfig(1, e["block_n"], e["num_warps"], False, 0, team=team_size(n, e["block_n"]))
     if n <= limits.bwd_single_max:
         block_n = triton.next_power_of_2(n)
         block_m = max(1, min(limits.tile_elements // block_n, triton.next_power_of_2(max(m, 1))))
