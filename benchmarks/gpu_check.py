@@ -199,9 +199,9 @@ def llama_block(out: Path, deadline: float, tokens: int = 8192, hidden: int = 40
 def kernel_level(out: Path) -> list[str]:
     """The kernels alone (launch.forward; launch.backward = dx + dW with its reduction), no autograd, round-robin
     with the copy: the GPU targets of docs/benchmarks/gpu.md are about these."""
-    from rmsnorm.args import Params
     from rmsnorm.backends.triton import launch
     from rmsnorm.bench.timing import measure_group
+    from rmsnorm.spec import Spec
 
     lines = ["| dtype | N | copy TB/s | forward TB/s | forward % of copy | backward TB/s | backward % of copy |",
              "|---|---|---|---|---|---|---|"]
@@ -211,12 +211,12 @@ def kernel_level(out: Path) -> list[str]:
             x = torch.randn(m, n, device=DEV, dtype=dtype)
             w = torch.randn(n, device=DEV, dtype=dtype)
             dy = torch.randn_like(x)
-            prm = Params(n, 1e-6, False, 0.0, False)
-            _, _, rstd = launch.forward(x, w, None, None, prm, dtype)
+            spec = Spec(1, n, 1e-6, False, 0.0, None, dtype, False)
+            _, _, rstd = launch.forward(x, w, None, None, spec)
             t = measure_group({"copy": lambda x=x: x.clone(),
-                               "fwd": lambda x=x, w=w, prm=prm: launch.forward(x, w, None, None, prm, x.dtype),
-                               "bwd": lambda x=x, w=w, dy=dy, rstd=rstd, prm=prm: launch.backward(
-                                   dy, None, x, w, rstd, prm, True, False)}, DEV, samples=8, budget_s=0.05)
+                               "fwd": lambda x=x, w=w, spec=spec: launch.forward(x, w, None, None, spec),
+                               "bwd": lambda x=x, w=w, dy=dy, rstd=rstd, spec=spec: launch.backward(
+                                   dy, None, x, w, rstd, spec, True, False)}, DEV, samples=8, budget_s=0.05)
             size = x.numel() * x.element_size()
             copy = 2 * size / t["copy"].median_s
             f, b = 2 * size / t["fwd"].median_s, 3 * size / t["bwd"].median_s

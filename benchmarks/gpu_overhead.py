@@ -37,21 +37,21 @@ def main() -> None:
     import torch.nn.functional as F
 
     import rmsnorm
-    from rmsnorm.args import Params
     from rmsnorm.backends.triton import launch
+    from rmsnorm.spec import Spec
 
     n, m = 4096, (1 << 27) // 4096
     x = torch.randn(m, n, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, device="cuda", dtype=torch.bfloat16)
     dy = torch.randn_like(x)
     xl, wl = x.clone().requires_grad_(True), w.clone().requires_grad_(True)
-    prm = Params(n, 1e-6, False, 0.0, False)
-    _, _, rstd = launch.forward(x, w, None, None, prm, x.dtype)
+    spec = Spec(1, n, 1e-6, False, 0.0, None, x.dtype, False)
+    _, _, rstd = launch.forward(x, w, None, None, spec)
     y = rmsnorm.rms_norm(xl, wl)
     yt = F.rms_norm(xl, (n,), wl, 1e-6)
     cases = {
-        "launch.forward (raw)": lambda: launch.forward(x, w, None, None, prm, x.dtype),
-        "launch.backward (raw)": lambda: launch.backward(dy, None, x, w, rstd, prm, True, False),
+        "launch.forward (raw)": lambda: launch.forward(x, w, None, None, spec),
+        "launch.backward (raw)": lambda: launch.backward(dy, None, x, w, rstd, spec, True, False),
         "rms_norm fwd no_grad": lambda: rmsnorm.rms_norm(x, w),
         "rms_norm bwd (autograd.grad)": lambda: torch.autograd.grad(y, (xl, wl), dy, retain_graph=True),
         "rms_norm fwd+bwd": lambda: torch.autograd.grad(rmsnorm.rms_norm(xl, wl), (xl, wl), dy),
@@ -71,7 +71,7 @@ def main() -> None:
         print(f"| {name} | {c1:.0f} | {g1:.0f} | {c2:.0f} | {g2:.0f} |")
     # the Python cost alone: tiny tensors
     xs, ws = torch.randn(8, 64, device="cuda"), torch.randn(64, device="cuda")
-    c, g = timeit(lambda: launch.forward(xs, ws, None, None, Params(64, 1e-6, False, 0.0, False), xs.dtype), 200)
+    c, g = timeit(lambda: launch.forward(xs, ws, None, None, Spec(1, 64, 1e-6, False, 0.0, None, xs.dtype, False)), 200)
     print(f"| launch.forward on 8x64 (launch overhead) | {c:.0f} | {g:.0f} | | |")
 
 

@@ -106,9 +106,9 @@ def _close(a, b, tol_ulps: float) -> tuple[bool, float]:
 def child(args) -> int:
     import torch
 
-    from rmsnorm.args import Params
     from rmsnorm.backends.triton import launch
     from rmsnorm.bench.timing import measure_group
+    from rmsnorm.spec import Spec
 
     smoke = args.smoke
     dev = "cpu" if smoke else "cuda"
@@ -149,11 +149,11 @@ def child(args) -> int:
                 x = torch.randn(m, n, device=dev, dtype=dtype, generator=g)
                 w = (1 + 0.1 * torch.randn(n, device=dev, dtype=dtype, generator=g))
                 dy = torch.randn(m, n, device=dev, dtype=dtype, generator=g)
-                prm = Params(n, EPS, False, 0.0, False)
+                spec = Spec(1, n, EPS, False, 0.0, None, dtype, False)
                 import rmsnorm
 
                 y_ref = rmsnorm.rms_norm(x, w, eps=EPS, backend="reference")
-                _, _, rstd = launch.forward(x, w, None, None, prm, dtype, config=None)
+                _, _, rstd = launch.forward(x, w, None, None, spec, config=None)
                 if kind == "bwd":
                     xr = x.detach().requires_grad_(True)
                     wr = w.detach().requires_grad_(True)
@@ -169,13 +169,13 @@ def child(args) -> int:
                         time.sleep(3600)
                     try:
                         if kind == "fwd":
-                            fn = (lambda cfg=cfg, x=x, w=w, prm=prm, dtype=dtype:
-                                  launch.forward(x, w, None, None, prm, dtype, config=cfg))
+                            fn = (lambda cfg=cfg, x=x, w=w, spec=spec:
+                                  launch.forward(x, w, None, None, spec, config=cfg))
                             y = fn()[0]
                             ok, err = _close(y, y_ref, TOL[dname][0])
                         else:
-                            fn = (lambda cfg=cfg, x=x, w=w, dy=dy, rstd=rstd, prm=prm:
-                                  launch.backward(dy, None, x, w, rstd, prm, True, False, config=cfg))
+                            fn = (lambda cfg=cfg, x=x, w=w, dy=dy, rstd=rstd, spec=spec:
+                                  launch.backward(dy, None, x, w, rstd, spec, True, False, config=cfg))
                             dx, dw, _ = fn()
                             ok1, e1 = _close(dx, dx_ref, TOL[dname][1])
                             # dW sums M rows in fp32 in another order than the reference: relative to its scale
@@ -223,7 +223,7 @@ def flag_cases(kind: str, cfg, dtype, dev: str, launch, smoke: bool) -> bool:
     import torch
 
     import rmsnorm
-    from rmsnorm.args import Params
+    from rmsnorm.functional import resolve
 
     if not getattr(cfg, "team", 0):
         return True
@@ -236,10 +236,10 @@ def flag_cases(kind: str, cfg, dtype, dev: str, launch, smoke: bool) -> bool:
     r = torch.randn(m, n, device=dev, dtype=dtype, generator=g)
     ok = True
     for kw in ({"p": 0.3, "eps_mode": "outside"}, {"cast": "llama", "offset": 1.0}):
-        k = rmsnorm.args.partial_size(n, kw.get("p", 1.0))
-        prm = Params(k, EPS, kw.get("eps_mode") == "outside", kw.get("offset", 0.0), kw.get("cast") == "llama")
+        spec = resolve(x, w, b, r, None, EPS, kw.get("eps_mode", "inside"), kw.get("p", 1.0), "ceil",
+                       kw.get("offset", 0.0), kw.get("cast", "fp32"), None)
         y_ref, h_ref = rmsnorm.rms_norm(x, w, b, residual=r, eps=EPS, backend="reference", **kw)
-        y, h, rstd = launch.forward(x, w, b, r, prm, dtype, config=cfg if kind == "fwd" else None)
+        y, h, rstd = launch.forward(x, w, b, r, spec, config=cfg if kind == "fwd" else None)
         tol = [t * (4 if smoke else 1) for t in TOL["bf16" if dtype.itemsize == 2 else "fp32"]]
         ok &= _close(y, y_ref, tol[0])[0] and _close(h, h_ref, 1.0 if dev == "cuda" else 2.0)[0]
         if kind == "bwd":
@@ -248,7 +248,7 @@ def flag_cases(kind: str, cfg, dtype, dev: str, launch, smoke: bool) -> bool:
             leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
             yr, hr = rmsnorm.rms_norm(*leaves, residual=r, eps=EPS, backend="reference", **kw)
             gx, gw, gb = torch.autograd.grad((yr, hr), leaves, (dy, dh))
-            dx, dw, db = launch.backward(dy, dh, h, w, rstd, prm, True, True, config=cfg)
+            dx, dw, db = launch.backward(dy, dh, h, w, rstd, spec, True, True, config=cfg)
             ok &= _close(dx, gx, tol[1])[0]
             rel = 1e-4 + 2 * torch.finfo(dtype).eps  # the reference rounds dW/db to the parameter dtype
             ok &= ((dw - gw.float()).abs().max() / gw.float().abs().max()).item() < rel

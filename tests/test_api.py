@@ -10,6 +10,7 @@ import torch
 
 import rmsnorm
 from rmsnorm.backends import registry
+from rmsnorm.spec import plain
 
 from helpers import math64, max_err, rand
 
@@ -163,13 +164,13 @@ def test_backends_listing():
 
 def test_automatic_choice_and_default_setting():
     x = rand(4, 32)
-    best = registry.select(None, x, None, x.dtype)
+    best = registry.select(None, x, None, plain(x.dtype))
     cpu_ok = any(b.name == "cpu" and b.available for b in rmsnorm.backends())
     assert best.name == ("cpu" if cpu_ok else "reference")
-    assert registry.select(None, x.double(), None, torch.float64).name == "reference"
+    assert registry.select(None, x.double(), None, plain(torch.float64)).name == "reference"
     try:
         registry.set_default("reference")
-        assert registry.select(None, x, None, x.dtype).name == "reference"
+        assert registry.select(None, x, None, plain(x.dtype)).name == "reference"
         with pytest.raises(ValueError, match="backend"):
             registry.set_default("nope")
     finally:
@@ -182,8 +183,8 @@ def _run(code: str, **env):
 
 
 def test_env_var_sets_default():
-    code = ("import torch, rmsnorm; from rmsnorm.backends import registry;"
-            "print(registry.select(None, torch.randn(2, 8), None, torch.float32).name)")
+    code = ("import torch, rmsnorm; from rmsnorm.backends import registry; from rmsnorm.spec import plain;"
+            "print(registry.select(None, torch.randn(2, 8), None, plain(torch.float32)).name)")
     out = _run(code, RMSNORM_BACKEND="reference")
     assert out.stdout.strip() == "reference", out.stderr
     bad = _run("import torch, rmsnorm; rmsnorm.rms_norm(torch.randn(2, 8).double())", RMSNORM_BACKEND="cpu")

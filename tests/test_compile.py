@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import rmsnorm
+from rmsnorm.spec import Spec
 
 from helpers import rand
 
@@ -85,8 +86,9 @@ def test_fake_tensor_shapes():
 
 def test_opcheck():
     x, w, b, r = rand(3, 16), rand(16), rand(16), rand(3, 16)
-    args = (x, w, b, r, 1, 8, 1e-6, False, 0.5, False, torch.float32, "reference")
+    spec = Spec(1, 8, 1e-6, False, 0.5, None, torch.float32, True).encode()
+    args = (x, w, b, r, spec, "reference")
     torch.library.opcheck(torch.ops.rmsnorm.forward.default, args)
     _y, h, rstd = torch.ops.rmsnorm.forward(*args)
-    bargs = (rand(3, 16), rand(3, 16), h, w, b, rstd, 1, 8, 1e-6, False, 0.5, False, True, True, "reference")
+    bargs = (rand(3, 16), rand(3, 16), h, w, b, rstd, spec, True, True, "reference")
     torch.library.opcheck(torch.ops.rmsnorm.backward.default, bargs)

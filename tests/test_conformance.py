@@ -45,6 +45,18 @@ def test_flag_matrix(backend, i, dtype, poison):
     check_against_reference(x, w, b, r, what=str(kw), backend=backend, low_atol_ulps=TOLERANCE[backend][1], **kw)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float16)])
+def test_cast_rounds_to_a_gain_dtype_other_than_the_inputs(backend, x_dtype, w_dtype, poison):
+    dev = _device(backend)
+    x, w = rand(7, 45, dtype=x_dtype, scale=2.0, device=dev), rand(45, dtype=w_dtype, seed=3, device=dev)
+    r = rand(7, 45, dtype=x_dtype, seed=4, device=dev)
+    for res in (None, r):
+        check_against_reference(x, w, None, res, what=f"t5 {x_dtype}/{w_dtype}", backend=backend,
+                                low_atol_ulps=TOLERANCE[backend][1], cast="t5")
+
+
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])
 @pytest.mark.parametrize("eps_mode", ["inside", "outside"])
 def test_zero_rows_give_zeros_and_finite_gradients(backend, eps_mode):

@@ -65,15 +65,15 @@ def test_strided_rows_without_copy(monkeypatch):
     torch.testing.assert_close(y, rmsnorm.rms_norm(x.contiguous(), w, backend="reference"), rtol=0, atol=0)
     check_against_reference(x, w, None, rand(8, 300, dtype=torch.bfloat16)[:, :128])
     # strided dy into the backward kernel directly
-    from rmsnorm.args import Params
     from rmsnorm.backends import get
+    from rmsnorm.spec import Spec
 
     be, ref = get("cpu"), get("reference")
-    prm = Params(64, 1e-6, False, 0.0, False)
-    y, _h, rstd = be.forward(x, w, None, None, 1, prm, x.dtype)
+    spec = Spec(1, 64, 1e-6, False, 0.0, None, x.dtype, False)
+    y, _h, rstd = be.forward(x, w, None, None, spec)
     dy = rand(8, 400, dtype=torch.bfloat16)[:, 7:135]
-    a = be.backward(dy, None, x, w, None, rstd, 1, prm, True, False)
-    e = ref.backward(dy, None, x, w, None, rstd, 1, prm, True, False)
+    a = be.backward(dy, None, x, w, None, rstd, spec, True, False)
+    e = ref.backward(dy, None, x, w, None, rstd, spec, True, False)
     assert max_err(a[0], e[0]) <= 2e-2 and max_err(a[1], e[1]) <= 5e-2
 
 

@@ -162,3 +162,23 @@ def test_llama_cast_matches_hf_formula():
     hf32 = w32 * (hs * torch.rsqrt(hs.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     ours32 = rmsnorm.rms_norm(x, w32, cast="llama", **REF)
     assert ours32.dtype == torch.float32 and torch.equal(ours32, hf32)
+
+
+def _t5_formula(x, w, eps=1e-6):
+    """transformers' T5LayerNorm.forward."""
+    variance = x.to(torch.float32).pow(2).mean(-1, keepdim=True)
+    hidden = x * torch.rsqrt(variance + eps)
+    if w.dtype in (torch.float16, torch.bfloat16):
+        hidden = hidden.to(w.dtype)
+    return w * hidden
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32, torch.bfloat16), (torch.float16, torch.bfloat16),
+                                             (torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                             (torch.float32, torch.float16)])
+def test_t5_cast_matches_hf_formula_for_every_dtype_pair(x_dtype, w_dtype):
+    x, w = rand(9, 64, dtype=x_dtype, scale=4), rand(64, dtype=w_dtype)
+    expect = _t5_formula(x, w)
+    for cast in ("t5", rmsnorm.Cast.T5):
+        ours = rmsnorm.rms_norm(x, w, cast=cast, **REF)
+        assert ours.dtype == expect.dtype and torch.equal(ours, expect)

@@ -12,33 +12,12 @@ from collections.abc import Sequence
 
 import torch
 
+from .spec import Cast
+
 EPS_MODES = ("inside", "outside")
-CASTS = ("fp32", "llama", "t5")
+CASTS = tuple(c.value for c in Cast)
 ROUNDINGS = ("ceil", "floor")
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
-
-
-class Params:
-    """Resolved scalar arguments of one RMSNorm call, as the kernels see them.
-
-    ``k`` is the number of leading (flattened) elements of each row the RMS is taken over;
-    ``llama`` selects the cast of the normalized row to the input dtype before the gain multiply.
-    """
-
-    __slots__ = ("eps", "eps_outside", "k", "llama", "offset")
-
-    def __init__(self, k: int, eps: float, eps_outside: bool, offset: float, llama: bool) -> None:
-        self.k, self.eps, self.eps_outside, self.offset, self.llama = k, eps, eps_outside, offset, llama
-
-    def __repr__(self) -> str:
-        return (f"Params(k={self.k}, eps={self.eps}, eps_outside={self.eps_outside}, offset={self.offset}, "
-                f"llama={self.llama})")
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Params) and all(getattr(self, a) == getattr(other, a) for a in self.__slots__)
-
-    def __hash__(self) -> int:
-        return hash(tuple(getattr(self, a) for a in self.__slots__))
 
 
 def partial_size(n: int, p: float, rounding: str = "ceil") -> int:
@@ -117,7 +96,7 @@ def check_options(eps: float | None, eps_mode: str, p: float, partial_rounding: 
     if (isinstance(offset, bool) or not isinstance(offset, (int, float, torch.SymFloat, torch.SymInt))
             or not -math.inf < offset < math.inf):
         raise TypeError(f"offset must be a finite float, got {offset!r}")
-    if cast not in CASTS:
+    if cast not in CASTS:  # a Cast member is also its string
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
 
 
@@ -176,28 +155,3 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating dtype (fp16, bf16, fp32, fp64), got {out_dtype}")
     return nd, n
-
-
-def default_out_dtype(h_dtype: torch.dtype, weight: torch.Tensor | None, cast: str) -> torch.dtype:
-    """Output dtype when out_dtype is None.
-
-    cast="fp32": the dtype of the normalized tensor (torch.nn.RMSNorm returns x's dtype, also for a
-    gain of another dtype). cast="llama": the promotion of that dtype and the gain's, as Hugging Face's
-    ``weight * hidden.to(input_dtype)`` gives. cast="t5": the gain's dtype (T5's ``weight * hidden``
-    with hidden in fp32, or rounded to a half-precision gain's dtype).
-    """
-    if cast == "llama" and weight is not None:
-        return torch.promote_types(h_dtype, weight.dtype)
-    if cast == "t5" and weight is not None:
-        return weight.dtype
-    return h_dtype
-
-
-def rounds_to_input_dtype(cast: str, h_dtype: torch.dtype, weight: torch.Tensor | None) -> bool:
-    """Whether the normalized row is rounded to h's dtype before the gain: always for "llama"; for "t5"
-    when the gain is half precision (T5 rounds to the gain's dtype: the same when the dtypes agree, and
-    within one rounding of it otherwise)."""
-    if cast == "llama":
-        return True
-    return (cast == "t5" and weight is not None and weight.dtype in (torch.float16, torch.bfloat16)
-            and weight.dtype == h_dtype)

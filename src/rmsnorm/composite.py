@@ -21,62 +21,62 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .args import Params, compute_dtype
+from .args import compute_dtype
+from .spec import Spec
 
 
-def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-            prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
-    """(y, h | None) for x of shape (*batch, *normalized); ``nd`` trailing dims are normalized."""
+def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+            spec: Spec) -> tuple[Tensor, Tensor | None]:
+    """(y, h | None) for x of shape (*batch, *normalized); ``spec.normalized_ndim`` trailing dims are normalized."""
     if residual is not None:
         cd = compute_dtype(residual.dtype)
         h = (x.to(cd) + residual.to(cd)).to(residual.dtype)
     else:
         h = x
-    return normalize(h, weight, bias, nd, prm, out_dtype), (h if residual is not None else None)
+    return normalize(h, weight, bias, spec), (h if residual is not None else None)
 
 
-def _is_torch_rms_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, nd: int, prm: Params,
-                       out_dtype: torch.dtype) -> bool:
+def _is_torch_rms_norm(h: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec) -> bool:
+    nd = spec.normalized_ndim
     n = 1
     for s in h.shape[h.dim() - nd:]:
         n *= s
     # the TorchScript-based ONNX exporter has no aten::rms_norm: jit tracing gets the decomposition
-    return (torch._C._get_tracing_state() is None and prm.k == n and n > 0 and not prm.eps_outside
-            and prm.offset == 0.0 and not prm.llama and bias is None
-            and out_dtype == h.dtype and (weight is None or weight.dtype == h.dtype))
+    return (torch._C._get_tracing_state() is None and spec.k == n and n > 0 and not spec.eps_outside
+            and spec.offset == 0.0 and spec.round_to is None and bias is None
+            and spec.out_dtype == h.dtype and (weight is None or weight.dtype == h.dtype))
 
 
-def normalize(h: Tensor, weight: Tensor | None, bias: Tensor | None, nd: int, prm: Params,
-              out_dtype: torch.dtype) -> Tensor:
+def normalize(h: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec) -> Tensor:
     """y = h / r * (weight + offset) + bias, r over the first k elements of each flattened row."""
-    if _is_torch_rms_norm(h, weight, bias, nd, prm, out_dtype):
-        return F.rms_norm(h, tuple(h.shape[h.dim() - nd:]), weight, prm.eps)
+    nd = spec.normalized_ndim
+    if _is_torch_rms_norm(h, weight, bias, spec):
+        return F.rms_norm(h, tuple(h.shape[h.dim() - nd:]), weight, spec.eps)
     cd = compute_dtype(h.dtype)
     hf = h.to(cd)
     flat = hf.flatten(hf.dim() - nd) if nd > 1 else hf
     n = flat.shape[-1]
-    head = flat if prm.k >= n else flat[..., : prm.k]
+    head = flat if spec.k >= n else flat[..., : spec.k]
     ms = head.square().mean(-1, keepdim=True)
-    if prm.eps_outside:
+    if spec.eps_outside:
         # sqrt'(0) is infinite: the subgradient 0 at an all-zero prefix, as the kernels use
         pos = ms > 0
         root = torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos
-        xhat = flat / (root + prm.eps)
+        xhat = flat / (root + spec.eps)
     else:
-        xhat = flat * torch.rsqrt(ms + prm.eps)
-    if prm.llama:
-        xhat = xhat.to(h.dtype).to(cd)
+        xhat = flat * torch.rsqrt(ms + spec.eps)
+    if spec.round_to is not None:
+        xhat = xhat.to(spec.round_to).to(cd)
     xhat = xhat.view(hf.shape) if nd > 1 else xhat
     if weight is not None:
-        xhat = xhat * (weight.to(cd) + prm.offset)
+        xhat = xhat * (weight.to(cd) + spec.offset)
     if bias is not None:
         xhat = xhat + bias.to(cd)
-    return xhat.to(out_dtype)
+    return xhat.to(spec.out_dtype)
 
 
 def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                nd: int, prm: Params, out_dtype: torch.dtype, x_dtype: torch.dtype,
-                needs: tuple[bool, bool, bool, bool], has_residual: bool
+                spec: Spec, x_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool]
                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """Gradients for (x, weight, bias, residual) written as differentiable torch ops of the saved h, weight
     and bias (the backward formula of :mod:`rmsnorm.reference`, with rstd recomputed from h): what a
@@ -86,6 +86,7 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
     would wait on that node's lock). ``h`` is what the forward normalized (x, or x + residual); ``needs``
     says which inputs want a gradient; dy (or dh) may be None when that output got no gradient.
     """
+    nd, has_residual = spec.normalized_ndim, spec.residual
     need_h = needs[0] or needs[3]
     need_w = needs[1] and weight is not None
     need_b = needs[2] and bias is not None
@@ -96,18 +97,18 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
     gh = gw = gb = None
     if dy is not None:
         dyf = dy.to(cd).reshape(*batch, -1)
-        k = min(prm.k, n)
+        k = min(spec.k, n)
         ms = hf[..., :k].square().mean(-1, keepdim=True)
-        if prm.eps_outside:
+        if spec.eps_outside:
             pos = ms > 0
             root = torch.where(pos, ms, torch.ones_like(ms)).sqrt()
-            rstd = 1.0 / (root * pos + prm.eps)
+            rstd = 1.0 / (root * pos + spec.eps)
             c = torch.where(pos, rstd * rstd / (k * root), torch.zeros_like(ms))
         else:
-            rstd = torch.rsqrt(ms + prm.eps)
+            rstd = torch.rsqrt(ms + spec.eps)
             c = rstd * rstd * rstd / k
         if need_h:
-            dyg = dyf * (weight.to(cd).reshape(-1) + prm.offset) if weight is not None else dyf
+            dyg = dyf * (weight.to(cd).reshape(-1) + spec.offset) if weight is not None else dyf
             s = (dyg * hf).sum(-1, keepdim=True)
             d = dyg * rstd
             corr = hf[..., :k] * (c * s)
@@ -116,8 +117,8 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
         rows = tuple(range(len(batch)))
         if need_w and weight is not None:
             xhat = hf * rstd
-            if prm.llama:
-                xhat = xhat.to(h.dtype).to(cd)
+            if spec.round_to is not None:
+                xhat = xhat.to(spec.round_to).to(cd)
             gw = (dyf * xhat).sum(rows).reshape(weight.shape).to(weight.dtype)
         if need_b and bias is not None:
             gb = dyf.sum(rows).reshape(bias.shape).to(bias.dtype)
@@ -137,9 +138,7 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
 
 
 def graph_backward(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                   nd: int, k: int, eps: float, eps_outside: bool, offset: float, llama: bool,
-                   out_dtype: torch.dtype, x_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool],
-                   has_residual: bool) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
-    """:func:`input_grads` with the kernel options as scalars: what the C++ autograd node calls back."""
-    return input_grads(dy, dh, h, weight, bias, nd, Params(k, eps, eps_outside, offset, llama), out_dtype, x_dtype,
-                       needs, has_residual)
+                   spec_fields: tuple, x_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool]
+                   ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
+    """:func:`input_grads` with the spec as the tuple of its fields: what the C++ autograd node calls back."""
+    return input_grads(dy, dh, h, weight, bias, Spec(*spec_fields), x_dtype, needs)

@@ -16,6 +16,8 @@ import threading
 
 import torch
 
+from .spec import decode
+
 _done = threading.Event()
 _lock = threading.Lock()
 
@@ -42,27 +44,29 @@ def register_dtensor_rules() -> bool:
         from . import ops  # noqa: F401  (defines the ops)
 
         fwd, bwd = torch.ops.rmsnorm.forward.default, torch.ops.rmsnorm.backward.default
-        n_scalar_fwd, n_scalar_bwd = 8, 9
 
+        # placements of the tensor arguments, then None for each non-tensor argument (spec, ..., backend)
         @register_sharding(fwd)
-        def _forward_rule(x, weight, bias, residual, normalized_ndim, *scalars):
+        def _forward_rule(x, weight, bias, residual, spec, backend):
+            nd = decode(spec).normalized_ndim
             r = Replicate()
-            strategies = [([r, r, r], [r, _opt(weight, r), _opt(bias, r), _opt(residual, r), *[None] * n_scalar_fwd])]
-            for d in range(x.ndim - normalized_ndim):
+            strategies = [([r, r, r], [r, _opt(weight, r), _opt(bias, r), _opt(residual, r), None, None])]
+            for d in range(x.ndim - nd):
                 s = Shard(d)
                 strategies.append(([s, s if residual is not None else r, s],
-                                   [s, _opt(weight, r), _opt(bias, r), _opt(residual, s), *[None] * n_scalar_fwd]))
+                                   [s, _opt(weight, r), _opt(bias, r), _opt(residual, s), None, None]))
             return strategies
 
         @register_sharding(bwd)
-        def _backward_rule(dy, dh, h, weight, bias, rstd, normalized_ndim, k, eps, eps_outside, offset, llama,
-                           need_dw, need_db, backend):
+        def _backward_rule(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, backend):
+            nd = decode(spec).normalized_ndim
             r = Replicate()
-            strategies = [([r, r, r], [r, _opt(dh, r), r, _opt(weight, r), _opt(bias, r), r, *[None] * n_scalar_bwd])]
-            for d in range(h.ndim - normalized_ndim):
+            tail = [None] * 4
+            strategies = [([r, r, r], [r, _opt(dh, r), r, _opt(weight, r), _opt(bias, r), r, *tail])]
+            for d in range(h.ndim - nd):
                 s = Shard(d)
                 strategies.append(([s, Partial() if need_dw else r, Partial() if need_db else r],
-                                   [s, _opt(dh, s), s, _opt(weight, r), _opt(bias, r), s, *[None] * n_scalar_bwd]))
+                                   [s, _opt(dh, s), s, _opt(weight, r), _opt(bias, r), s, *tail]))
             return strategies
 
         _done.set()

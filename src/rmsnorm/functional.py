@@ -9,21 +9,21 @@ import torch
 from torch import Tensor
 
 from . import args as _args
-from .args import Params
 from .ops import run
+from .spec import Cast, Spec, out_dtype_for, round_to
 
 
 @overload
 def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
              eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
-             residual: None = None, cast: str = "fp32", out_dtype: torch.dtype | None = None,
+             residual: None = None, cast: str | Cast = "fp32", out_dtype: torch.dtype | None = None,
              backend: str | None = None, normalized_shape: int | Sequence[int] | None = None) -> Tensor: ...
 
 
 @overload
 def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
              eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
-             residual: Tensor, cast: str = "fp32", out_dtype: torch.dtype | None = None,
+             residual: Tensor, cast: str | Cast = "fp32", out_dtype: torch.dtype | None = None,
              backend: str | None = None, normalized_shape: int | Sequence[int] | None = None
              ) -> tuple[Tensor, Tensor]: ...
 
@@ -39,7 +39,7 @@ def rms_norm(
     partial_rounding: str = "ceil",
     offset: float = 0.0,
     residual: Tensor | None = None,
-    cast: str = "fp32",
+    cast: str | Cast = "fp32",
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
     normalized_shape: int | Sequence[int] | None = None,
@@ -63,9 +63,9 @@ def rms_norm(
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
-    nd, prm, out_dtype = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding,
-                                 offset, cast, out_dtype)
-    y, h = run(x, weight, bias, residual, nd, prm, out_dtype, backend)
+    spec = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding, offset, cast,
+                   out_dtype)
+    y, h = run(x, weight, bias, residual, spec, backend)
     if residual is not None:
         assert h is not None
         return y, h
@@ -74,17 +74,18 @@ def rms_norm(
 
 def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
             normalized_shape: int | Sequence[int] | None, eps: float | None, eps_mode: str, p: float,
-            partial_rounding: str, offset: float, cast: str,
-            out_dtype: torch.dtype | None) -> tuple[int, Params, torch.dtype]:
-    """Check every argument of ``rms_norm``; return (normalized dims, kernel parameters, output dtype)."""
+            partial_rounding: str, offset: float, cast: str | Cast, out_dtype: torch.dtype | None) -> Spec:
+    """Check every argument of ``rms_norm``; return the call's :class:`~rmsnorm.spec.Spec`."""
     _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
     ns = _args.normalized_tuple(normalized_shape) if normalized_shape is not None else None
     nd, n = _args.check_tensors(x, weight, bias, residual, ns, out_dtype, offset)
     h_dtype = residual.dtype if residual is not None else x.dtype
+    w_dtype = None if weight is None else weight.dtype
     if eps is None:
         eps = _args.default_eps(h_dtype)
-    if out_dtype is None:
-        out_dtype = _args.default_out_dtype(h_dtype, weight, cast)
-    prm = Params(_args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
-                 _args.rounds_to_input_dtype(cast, h_dtype, weight))
-    return nd, prm, out_dtype
+    if cast == Cast.FP32:  # torch's numerics, the common case: no rounding, h's dtype out
+        rounding, out = None, out_dtype or h_dtype
+    else:
+        rounding, out = round_to(cast, h_dtype, w_dtype), out_dtype or out_dtype_for(cast, h_dtype, w_dtype)
+    return Spec(nd, _args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
+                rounding, out, residual is not None)

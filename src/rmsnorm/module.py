@@ -12,6 +12,7 @@ from . import args as _args
 from .backends import registry
 from .functional import resolve, rms_norm
 from .ops import run
+from .spec import Cast
 
 
 class RMSNorm(nn.Module):
@@ -41,7 +42,7 @@ class RMSNorm(nn.Module):
         eps_mode: str = "inside",
         partial_rounding: str = "ceil",
         offset: float = 0.0,
-        cast: str = "fp32",
+        cast: str | Cast = "fp32",
         out_dtype: torch.dtype | None = None,
         backend: str | None = None,
     ) -> None:
@@ -59,7 +60,7 @@ class RMSNorm(nn.Module):
         self.eps_mode = eps_mode
         self.partial_rounding = partial_rounding
         self.offset = float(offset)
-        self.cast = cast
+        self.cast = Cast(cast)
         if out_dtype is not None and out_dtype not in _args.FLOAT_DTYPES:
             raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
         self.out_dtype = out_dtype
@@ -114,13 +115,14 @@ class RMSNorm(nn.Module):
             if hit is None:
                 if len(cache) > 32:
                     cache.clear()
-                hit = cache[key] = (*resolve(x, w, b, None, self.normalized_shape, self.eps, self.eps_mode, self.p,
-                                             self.partial_rounding, self.offset, self.cast, self.out_dtype),
+                hit = cache[key] = (resolve(x, w, b, None, self.normalized_shape, self.eps, self.eps_mode, self.p,
+                                            self.partial_rounding, self.offset, self.cast, self.out_dtype),
                                     None if w is None else w.shape, None if b is None else b.shape)
-            nd, prm, out_dtype, w_shape, b_shape = hit
+            spec, w_shape, b_shape = hit
+            nd = spec.normalized_ndim
             if (x.dim() >= nd and x.shape[x.dim() - nd:] == self.normalized_shape
                     and (w is None or w.shape == w_shape) and (b is None or b.shape == b_shape)):
-                return run(x, w, b, None, nd, prm, out_dtype, self.backend)[0]
+                return run(x, w, b, None, spec, self.backend)[0]
         return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
                         partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
                         cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape,
@@ -144,8 +146,8 @@ class RMSNorm(nn.Module):
             parts.append(f"eps_mode={self.eps_mode!r}")
         if self.offset != 0.0:
             parts.append(f"offset={self.offset}")
-        if self.cast != "fp32":
-            parts.append(f"cast={self.cast!r}")
+        if self.cast != Cast.FP32:
+            parts.append(f"cast={Cast(self.cast).value!r}")
         if self.out_dtype is not None:
             parts.append(f"out_dtype={self.out_dtype}")
         if self.backend is not None:
@@ -154,7 +156,7 @@ class RMSNorm(nn.Module):
 
     @classmethod
     def from_layernorm(cls, ln: nn.LayerNorm, *, keep_bias: bool = False, p: float = 1.0,
-                       eps_mode: str = "inside", partial_rounding: str = "ceil", cast: str = "fp32",
+                       eps_mode: str = "inside", partial_rounding: str = "ceil", cast: str | Cast = "fp32",
                        offset: float = 0.0) -> RMSNorm:
         """An RMSNorm with ``ln``'s shape, eps, gain (and bias with ``keep_bias``), on its device and dtype.
         ``offset=1.0`` for LayerNorms whose gain is 1 + weight (NemotronLayerNorm1P and the like).

@@ -29,109 +29,103 @@ import torch
 from torch import Tensor
 
 from . import composite
-from .args import Params, compute_dtype
+from .args import compute_dtype
 from .backends import registry
+from .spec import Spec, decode
 
 
-def _backend(name: str, x: Tensor, residual: Tensor | None, out_dtype: torch.dtype) -> registry.Backend:
+def _backend(name: str, x: Tensor, residual: Tensor | None, spec: Spec) -> registry.Backend:
     """The custom ops carry the backend the caller named, or "" for the automatic choice at run time."""
-    return registry.select(name or None, x, residual, out_dtype)
+    return registry.select(name or None, x, residual, spec)
 
 
-def forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-                 nd: int, prm: Params, out_dtype: torch.dtype, backend: str
-                 ) -> tuple[Tensor, Tensor | None, Tensor]:
+def forward_impl(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, spec: Spec,
+                 backend: str) -> tuple[Tensor, Tensor | None, Tensor]:
     """One backend's forward on x of shape (*batch, *normalized): (y, h | None, rstd)."""
-    return _backend(backend, x, residual, out_dtype).forward(x, weight, bias, residual, nd, prm, out_dtype)
+    return _backend(backend, x, residual, spec).forward(x, weight, bias, residual, spec)
 
 
 def backward_impl(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                  rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool, backend: str
+                  rstd: Tensor, spec: Spec, need_dw: bool, need_db: bool, backend: str
                   ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Gradients (d h in h's dtype, dw in weight's dtype | None, db in bias's dtype | None)."""
-    return _backend(backend, h, None, dy.dtype).backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db)
+    return _backend(backend, h, None, spec).backward(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db)
 
 
 # -------------------------------------------------------------------------------------- custom ops
+# The schema holds no objects: the spec travels as its string (rmsnorm.spec.Spec.encode / decode).
 
 
 @torch.library.custom_op("rmsnorm::forward", mutates_args=())
-def forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
-               normalized_ndim: int, k: int, eps: float, eps_outside: bool, offset: float, llama: bool,
-               out_dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def forward_op(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, spec: str,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
     """(y, h, rstd); h is an empty tensor without a residual."""
-    prm = Params(k, eps, eps_outside, offset, llama)
-    y, h, rstd = forward_impl(x, weight, bias, residual, normalized_ndim, prm, out_dtype, backend)
+    y, h, rstd = forward_impl(x, weight, bias, residual, decode(spec), backend)
     return y, (h if h is not None else x.new_empty(0)), rstd
 
 
 @forward_op.register_fake
-def _forward_fake(x, weight, bias, residual, normalized_ndim, k, eps, eps_outside, offset, llama, out_dtype,
-                  backend):
+def _forward_fake(x, weight, bias, residual, spec, backend):
+    s = decode(spec)
     h_dtype = residual.dtype if residual is not None else x.dtype
-    y = x.new_empty(x.shape, dtype=out_dtype)
+    y = x.new_empty(x.shape, dtype=s.out_dtype)
     h = x.new_empty(x.shape, dtype=h_dtype) if residual is not None else x.new_empty(0)
-    rstd = x.new_empty(x.shape[: x.dim() - normalized_ndim], dtype=compute_dtype(h_dtype))
+    rstd = x.new_empty(x.shape[: x.dim() - s.normalized_ndim], dtype=compute_dtype(h_dtype))
     return y, h, rstd
 
 
 @torch.library.custom_op("rmsnorm::backward", mutates_args=())
 def backward_op(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                rstd: Tensor, normalized_ndim: int, k: int, eps: float, eps_outside: bool, offset: float,
-                llama: bool, need_dw: bool, need_db: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                rstd: Tensor, spec: str, need_dw: bool, need_db: bool, backend: str
+                ) -> tuple[Tensor, Tensor, Tensor]:
     """(dh_total, dw, db); dw/db are empty tensors when not needed."""
-    prm = Params(k, eps, eps_outside, offset, llama)
-    dx, dw, db = backward_impl(dy, dh, h, weight, bias, rstd, normalized_ndim, prm, need_dw, need_db, backend)
+    dx, dw, db = backward_impl(dy, dh, h, weight, bias, rstd, decode(spec), need_dw, need_db, backend)
     return dx, (dw if dw is not None else h.new_empty(0)), (db if db is not None else h.new_empty(0))
 
 
 @backward_op.register_fake
-def _backward_fake(dy, dh, h, weight, bias, rstd, normalized_ndim, k, eps, eps_outside, offset, llama,
-                   need_dw, need_db, backend):
+def _backward_fake(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, backend):
     dw = weight.new_empty(weight.shape) if need_dw else h.new_empty(0)
     db = bias.new_empty(bias.shape) if need_db else h.new_empty(0)
     return h.new_empty(h.shape), dw, db
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype, backend = inputs
+    x, weight, bias, residual, spec, backend = inputs
     _, h, rstd = output
-    _save(ctx, x, weight, bias, residual, h, rstd, nd, Params(k, eps, eps_outside, offset, llama), backend,
-          out_dtype)
+    _save(ctx, x, weight, bias, residual, h, rstd, decode(spec), backend)
 
 
-def _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend, out_dtype) -> None:
+def _save(ctx, x, weight, bias, residual, h, rstd, spec: Spec, backend) -> None:
     ctx.save_for_backward(h if residual is not None else x, weight, bias, rstd)
     ctx.x_dtype = x.dtype
-    ctx.has_residual = residual is not None
-    ctx.nd, ctx.prm, ctx.backend, ctx.out_dtype = nd, prm, backend, out_dtype
+    ctx.spec, ctx.backend = spec, backend
 
 
 def _input_grads(ctx, dy: Tensor | None, dh: Tensor | None, bwd) -> tuple:
     """Gradients for (x, weight, bias, residual) from the saved context and a backward callable; with
     create_graph=True (grad mode on inside the backward), from the differentiable decomposition."""
     h, weight, bias, rstd = ctx.saved_tensors
+    spec: Spec = ctx.spec
     if torch.is_grad_enabled():
-        return composite.input_grads(dy, dh, h, weight, bias, ctx.nd, ctx.prm, ctx.out_dtype, ctx.x_dtype,
-                                     tuple(ctx.needs_input_grad[:4]), ctx.has_residual)
+        return composite.input_grads(dy, dh, h, weight, bias, spec, ctx.x_dtype, tuple(ctx.needs_input_grad[:4]))
     if dy is None:
         dy = torch.zeros_like(h)
-    dh = dh if ctx.has_residual else None
+    dh = dh if spec.residual else None
     need_dw = weight is not None and ctx.needs_input_grad[1]
     need_db = bias is not None and ctx.needs_input_grad[2]
-    dgrad, dw, db = bwd(dy, dh, h, weight, bias, rstd, ctx.nd, ctx.prm, need_dw, need_db, ctx.backend)
+    dgrad, dw, db = bwd(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, ctx.backend)
     dx = dgrad if dgrad.dtype == ctx.x_dtype else dgrad.to(ctx.x_dtype)
-    return dx, (dw if need_dw else None), (db if need_db else None), (dgrad if ctx.has_residual else None)
+    return dx, (dw if need_dw else None), (db if need_db else None), (dgrad if spec.residual else None)
 
 
-def _backward_via_op(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db, backend):
-    return backward_op(dy, dh, h, weight, bias, rstd, nd, prm.k, prm.eps, prm.eps_outside, prm.offset,
-                       prm.llama, need_dw, need_db, backend)
+def _backward_via_op(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, backend):
+    return backward_op(dy, dh, h, weight, bias, rstd, spec.encode(), need_dw, need_db, backend)
 
 
 def _autograd_backward(ctx, dy, dh, _drstd):
     dx, dw, db, dres = _input_grads(ctx, dy, dh, _backward_via_op)
-    return dx, dw, db, dres, None, None, None, None, None, None, None, None
+    return dx, dw, db, dres, None, None
 
 
 forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -144,9 +138,9 @@ class KernelFunction(torch.autograd.Function):
     """Eager-mode autograd over a backend's kernels (same math and saved state as the custom op)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, nd, prm, out_dtype, backend):
-        y, h, rstd = registry.get(backend).forward(x, weight, bias, residual, nd, prm, out_dtype)
-        _save(ctx, x, weight, bias, residual, h, rstd, nd, prm, backend, out_dtype)
+    def forward(ctx, x, weight, bias, residual, spec, backend):
+        y, h, rstd = registry.get(backend).forward(x, weight, bias, residual, spec)
+        _save(ctx, x, weight, bias, residual, h, rstd, spec, backend)
         ctx.set_materialize_grads(False)
         if h is None:
             return y
@@ -155,7 +149,7 @@ class KernelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy, dh=None):
         dx, dw, db, dres = _input_grads(ctx, dy, dh, backward_impl)
-        return dx, dw, db, dres, None, None, None, None
+        return dx, dw, db, dres, None, None
 
 
 def _decomposed() -> bool:
@@ -163,22 +157,21 @@ def _decomposed() -> bool:
     return torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
 
 
-def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-        prm: Params, out_dtype: torch.dtype, backend: str | None) -> tuple[Tensor, Tensor | None]:
+def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, spec: Spec,
+        backend: str | None) -> tuple[Tensor, Tensor | None]:
     """Route one checked call (see the table in the module docstring); ``backend`` as the user named it."""
     if type(x) is not Tensor or torch.compiler.is_compiling():
-        if prm.k == 0 or torch.onnx.is_in_onnx_export():
-            return composite.forward(x, weight, bias, residual, nd, prm, out_dtype)
+        if spec.k == 0 or torch.onnx.is_in_onnx_export():
+            return composite.forward(x, weight, bias, residual, spec)
         if type(x).__name__ == "DTensor":
             from .distributed import register_dtensor_rules
 
             register_dtensor_rules()
-        y, h, _ = forward_op(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside, prm.offset,
-                             prm.llama, out_dtype, backend or "")
+        y, h, _ = forward_op(x, weight, bias, residual, spec.encode(), backend or "")
         return y, (h if residual is not None else None)
-    if prm.k == 0 or _decomposed():
-        return composite.forward(x, weight, bias, residual, nd, prm, out_dtype)
-    be = registry.select(backend, x, residual, out_dtype)
+    if spec.k == 0 or _decomposed():
+        return composite.forward(x, weight, bias, residual, spec)
+    be = registry.select(backend, x, residual, spec)
     if torch.is_grad_enabled() and (
         x.requires_grad
         or (weight is not None and weight.requires_grad)
@@ -190,8 +183,8 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
             x = x.clone()
             residual = residual.clone() if residual is not None else None
         if be.autograd is not None:
-            return be.autograd(x, weight, bias, residual, nd, prm, out_dtype)
-        out = KernelFunction.apply(x, weight, bias, residual, nd, prm, out_dtype, be.name)
+            return be.autograd(x, weight, bias, residual, spec)
+        out = KernelFunction.apply(x, weight, bias, residual, spec, be.name)
         return out if residual is not None else (out, None)
-    y, h, _ = be.forward(x, weight, bias, residual, nd, prm, out_dtype)
+    y, h, _ = be.forward(x, weight, bias, residual, spec)
     return y, h

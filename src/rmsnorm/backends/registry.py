@@ -20,17 +20,17 @@ import torch
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from ..args import Params
+    from ..spec import Spec
 
 ENV_VAR = "RMSNORM_BACKEND"
 
 
 class ForwardFn(Protocol):
-    """(y, h | None, rstd): y in ``out_dtype`` and x's shape, h = x + residual in residual's dtype (only with
-    a residual), rstd = 1 / r per row in the fp32 (fp64) compute dtype, of the batch shape."""
+    """(y, h | None, rstd): y in ``spec.out_dtype`` and x's shape, h = x + residual in residual's dtype (only
+    with a residual), rstd = 1 / r per row in the fp32 (fp64) compute dtype, of the batch shape."""
 
-    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-                 prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]: ...
+    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                 spec: Spec) -> tuple[Tensor, Tensor | None, Tensor]: ...
 
 
 class BackwardFn(Protocol):
@@ -38,15 +38,15 @@ class BackwardFn(Protocol):
     h output); dw and db in the parameters' dtypes and shapes, when asked for."""
 
     def __call__(self, dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool
+                 rstd: Tensor, spec: Spec, need_dw: bool, need_db: bool
                  ) -> tuple[Tensor, Tensor | None, Tensor | None]: ...
 
 
 class AutogradFn(Protocol):
     """An eager forward that records its own autograd node: (y, h | None)."""
 
-    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-                 prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]: ...
+    def __call__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                 spec: Spec) -> tuple[Tensor, Tensor | None]: ...
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class Backend:
     name: str
     priority: int  # higher wins when choosing automatically
     devices: frozenset[str]  # device types; "*" for any
-    dtypes: frozenset[torch.dtype]  # dtypes of x, residual and the output
+    dtypes: frozenset[torch.dtype]  # dtypes of x, residual and the output (and of a spec's round_to)
     forward: ForwardFn
     backward: BackwardFn
     check_available: Callable[[], str | None]  # None when usable, else why not (may build on first call)
@@ -65,12 +65,12 @@ class Backend:
     def unavailable_reason(self) -> str | None:
         return _availability(self)
 
-    def unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor | None,
-                           out_dtype: torch.dtype) -> str | None:
+    def unsupported_reason(self, x: torch.Tensor, residual: torch.Tensor | None, spec: Spec) -> str | None:
+        """None when this backend runs the call, else why not (the backend answers before it is called)."""
         if "*" not in self.devices and x.device.type not in self.devices:
             return f"device {x.device.type} is not supported (supports {sorted(self.devices)})"
         for what, dt in (("x", x.dtype), ("residual", None if residual is None else residual.dtype),
-                         ("out_dtype", out_dtype)):
+                         ("out_dtype", spec.out_dtype), ("cast rounding", spec.round_to)):
             if dt is not None and dt not in self.dtypes:
                 return f"{what} dtype {dt} is not supported"
         return None
@@ -155,8 +155,7 @@ def backends() -> list[BackendInfo]:
     return out
 
 
-def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
-           out_dtype: torch.dtype) -> Backend:
+def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None, spec: Spec) -> Backend:
     """The backend that runs this call: the one named (or set by $RMSNORM_BACKEND), else the best that fits.
 
     A backend chosen by name that cannot handle the input raises: there is never a silent fallback.
@@ -165,7 +164,7 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
     if name is None:
         name = _DEFAULT[0]
         source = ENV_VAR
-    key = (name, x.device, x.dtype, None if residual is None else residual.dtype, out_dtype)
+    key = (name, x.device, x.dtype, None if residual is None else residual.dtype, spec.out_dtype, spec.round_to)
     be = _SELECT_CACHE.get(key)
     if be is not None:
         return be
@@ -176,21 +175,21 @@ def select(name: str | None, x: torch.Tensor, residual: torch.Tensor | None,
         why = be.unavailable_reason()
         if why is not None:
             raise RuntimeError(f"{source}={name!r} is not available here: {why}")
-        why = be.unsupported_reason(x, residual, out_dtype)
+        why = be.unsupported_reason(x, residual, spec)
         if why is not None:
             raise ValueError(f"{source}={name!r} cannot handle this input: {why}")
     else:
-        be = _auto(x, residual, out_dtype)
+        be = _auto(x, residual, spec)
     _SELECT_CACHE[key] = be
     return be
 
 
-def _auto(x: torch.Tensor, residual: torch.Tensor | None, out_dtype: torch.dtype) -> Backend:
+def _auto(x: torch.Tensor, residual: torch.Tensor | None, spec: Spec) -> Backend:
     skipped: list[str] = []
     for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
         if be.auto_devices is not None and x.device.type not in be.auto_devices:
             continue
-        if be.unsupported_reason(x, residual, out_dtype) is not None:
+        if be.unsupported_reason(x, residual, spec) is not None:
             continue
         why = be.unavailable_reason()
         if why is None:

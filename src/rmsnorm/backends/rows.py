@@ -2,8 +2,8 @@
 
 Backend interface (N-D, what :mod:`rmsnorm.ops` calls):
 
-    forward(x, weight, bias, residual, nd, prm, out_dtype) -> (y, h | None, rstd)
-    backward(dy, dh, h, weight, bias, rstd, nd, prm, need_dw, need_db) -> (dh, dw | None, db | None)
+    forward(x, weight, bias, residual, spec) -> (y, h | None, rstd)
+    backward(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db) -> (dh, dw | None, db | None)
 
 y and h have x's shape, rstd the batch shape; dw/db come in the parameters' dtype and shape.
 Row kernels (:mod:`rmsnorm.reference`, the Triton launchers) see (M, N) views with contiguous rows, write
@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ..args import Params
+from ..spec import Spec
 
 
 def as_rows(t: Tensor, n: int) -> Tensor:
@@ -35,14 +35,15 @@ def _flat(t: Tensor | None, n: int) -> Tensor | None:
 
 
 def nd_forward(row_forward: Callable) -> Callable:
-    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, nd: int,
-                prm: Params, out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None, Tensor]:
+    def forward(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
+                spec: Spec) -> tuple[Tensor, Tensor | None, Tensor]:
+        nd = spec.normalized_ndim
         n = math.prod(x.shape[x.dim() - nd:])
         res = as_rows(residual, n) if residual is not None else None
-        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+        y = torch.empty(x.shape, dtype=spec.out_dtype, device=x.device)
         h = torch.empty(x.shape, dtype=residual.dtype, device=x.device) if residual is not None else None
         out = (y.view(-1, n), None if h is None else h.view(-1, n))
-        _, _, rstd = row_forward(as_rows(x, n), _flat(weight, n), _flat(bias, n), res, prm, out_dtype, out)
+        _, _, rstd = row_forward(as_rows(x, n), _flat(weight, n), _flat(bias, n), res, spec, out)
         return y, h, rstd.view(x.shape[: x.dim() - nd])
 
     return forward
@@ -50,11 +51,12 @@ def nd_forward(row_forward: Callable) -> Callable:
 
 def nd_backward(row_backward: Callable) -> Callable:
     def backward(dy: Tensor, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
-                 rstd: Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool
+                 rstd: Tensor, spec: Spec, need_dw: bool, need_db: bool
                  ) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        nd = spec.normalized_ndim
         n = math.prod(h.shape[h.dim() - nd:])
         dh2 = as_rows(dh, n) if dh is not None else None
-        dx, dw, db = row_backward(as_rows(dy, n), dh2, as_rows(h, n), _flat(weight, n), rstd.reshape(-1), prm,
+        dx, dw, db = row_backward(as_rows(dy, n), dh2, as_rows(h, n), _flat(weight, n), rstd.reshape(-1), spec,
                                   need_dw, need_db)
         dw = dw.to(weight.dtype).view(weight.shape) if need_dw else None
         db = db.to(bias.dtype).view(bias.shape) if need_db else None

@@ -12,12 +12,13 @@ import argparse
 import torch
 
 from ..backends.cpu import build
+from ..spec import Spec
 from .timing import measure_group
 
 
 def _fwd(mod, x, w, blocks: int, stream: bool):
-    n = x.shape[-1]
-    return lambda: mod.forward(x, w, None, None, 1, n, 1e-6, False, 0.0, False, x.dtype, blocks, stream)
+    spec = Spec(1, x.shape[-1], 1e-6, False, 0.0, None, x.dtype, False)
+    return lambda: mod.forward(x, w, None, None, spec, blocks, stream)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,6 +22,7 @@ from ..cli_args import (
     writable_dir,
 )
 from ..host import allocator, command_line, cpu_model, rerun_under_tcmalloc
+from ..spec import plain
 from .norms import VARIANTS, check_variants
 from .presets import PRESETS, get_preset, with_overrides
 from .tasks import TASKS, check_tasks
@@ -168,7 +169,7 @@ def _main(args: argparse.Namespace) -> int:
 def _auto_backend(device: str) -> str:
     from rmsnorm.backends import registry
 
-    return registry.select(None, torch.empty(1, 8, device=device), None, torch.float32).name
+    return registry.select(None, torch.empty(1, 8, device=device), None, plain(torch.float32)).name
 
 
 class _NoBar:

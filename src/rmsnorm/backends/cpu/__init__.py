@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ...args import Params
+from ...spec import Spec
 from ..registry import Backend, register
 from . import build
 from .heuristics import launch
@@ -16,22 +16,19 @@ def _check_available() -> str | None:
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            residual: torch.Tensor | None, nd: int, prm: Params, out_dtype: torch.dtype):
-    return build.module().forward(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside,
-                                  prm.offset, prm.llama, out_dtype, *launch(x))
+            residual: torch.Tensor | None, spec: Spec):
+    return build.module().forward(x, weight, bias, residual, spec, *launch(x))
 
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
-             bias: torch.Tensor | None, rstd: torch.Tensor, nd: int, prm: Params, need_dw: bool, need_db: bool):
-    return build.module().backward(dy, dh, h, weight, bias, rstd, nd, prm.k, prm.eps, prm.eps_outside,
-                                   prm.offset, prm.llama, need_dw, need_db, *launch(h))
+             bias: torch.Tensor | None, rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool):
+    return build.module().backward(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, *launch(h))
 
 
 def autograd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-             residual: torch.Tensor | None, nd: int, prm: Params, out_dtype: torch.dtype):
+             residual: torch.Tensor | None, spec: Spec):
     """Forward recorded for autograd by a C++ torch::autograd::Function (no Python in the backward)."""
-    out = build.module().forward_autograd(x, weight, bias, residual, nd, prm.k, prm.eps, prm.eps_outside,
-                                          prm.offset, prm.llama, out_dtype, *launch(x))
+    out = build.module().forward_autograd(x, weight, bias, residual, spec, *launch(x))
     return out[0], (out[1] if residual is not None else None)
 
 

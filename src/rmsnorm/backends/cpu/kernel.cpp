@@ -17,6 +17,34 @@
 
 namespace {
 
+// The options of one call: rmsnorm/spec.py's Spec, the same fields in the same order. Python passes its
+// Spec (a NamedTuple) whole; the type caster at the end of this file converts it at the binding.
+struct Spec {
+  int64_t nd = 1, k = 1;
+  double eps = 0.0;
+  bool eps_outside = false;
+  double offset = 0.0;
+  at::ScalarType round_to = at::ScalarType::Undefined;  // Undefined: no rounding before the gain
+  at::ScalarType out_dtype = at::kFloat;
+  bool residual = false;
+
+  // For an autograd node's saved_data (which holds IValues) and back.
+  c10::IValue pack() const {
+    return c10::ivalue::Tuple::create({nd, k, eps, eps_outside, offset, static_cast<int64_t>(round_to),
+                                       static_cast<int64_t>(out_dtype), residual});
+  }
+  static Spec unpack(const c10::IValue& v) {
+    const auto& e = v.toTupleRef().elements();
+    return Spec{e[0].toInt(), e[1].toInt(), e[2].toDouble(), e[3].toBool(), e[4].toDouble(),
+                static_cast<at::ScalarType>(e[5].toInt()), static_cast<at::ScalarType>(e[6].toInt()), e[7].toBool()};
+  }
+  // The fields as a Python tuple (rmsnorm.spec.Spec(*fields) rebuilds the Python object).
+  py::tuple fields() const {
+    py::object rt = round_to == at::ScalarType::Undefined ? py::none() : py::cast(round_to);
+    return py::make_tuple(nd, k, eps, eps_outside, offset, rt, py::cast(out_dtype), residual);
+  }
+};
+
 using at::vec::Vectorized;
 using fVec = Vectorized<float>;
 constexpr int64_t kF = fVec::size();
@@ -37,7 +65,7 @@ struct Io {
   static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
     at::vec::convert_from_float<T>(a, b).store(p, n);
   }
-  static void round(fVec& a, fVec& b) {  // round through T (the "llama" cast)
+  static void round(fVec& a, fVec& b) {  // round through T (the cast's rounding: see round_through)
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
   }
 };
@@ -156,6 +184,12 @@ inline void store(T* p, const fVec& a, const fVec& b, int64_t n, bool stream) {
   if (stream && n == kW) stream_store(p, a, b); else store(p, a, b, n);
 }
 
+// The cast's rounding of the normalized row (Spec::round_to): through bf16, through fp16, or none.
+inline void round_through(at::ScalarType t, fVec& a, fVec& b) {
+  if (t == at::kBFloat16) Io<c10::BFloat16>::round(a, b);
+  else if (t == at::kHalf) Io<c10::Half>::round(a, b);
+}
+
 inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
   const float ms = ss / static_cast<float>(k);
   return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
@@ -218,7 +252,7 @@ struct Fwd {
   const void* res; int64_t sres;
   void* h; void* y; float* rstd;
   const float* g; const float* bias;
-  int64_t N, k; float eps; bool eps_outside, llama;
+  int64_t N, k; float eps; bool eps_outside; at::ScalarType round_to;
   bool stream;  // non-temporal stores of y and h
 };
 
@@ -293,7 +327,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       load(h + j, p, q, n);
       p = p * vr;
       q = q * vr;
-      if (a.llama) Io<TH>::round(p, q);
+      round_through(a.round_to, p, q);
       load(a.g + j, g0, g1, n);
       p = p * g0;
       q = q * g1;
@@ -368,7 +402,7 @@ struct Bwd {
   const float* rstd; const float* g;
   void* dx;
   float* dw; float* db;  // (blocks, N) partials, or null
-  int64_t N, k; float eps; bool eps_outside, llama;
+  int64_t N, k; float eps; bool eps_outside; at::ScalarType round_to;
   bool stream;  // non-temporal stores of dx
   float* levels_dw = nullptr;  // per block: ColumnSums levels (set per block by the caller)
   float* levels_db = nullptr;
@@ -376,7 +410,7 @@ struct Bwd {
 
 // TH: the normalized tensor and its gradient, TO: dy (the output's dtype). Pipelined like the forward:
 // the dot product S of row r+1 (reading h and dy from memory) runs inside row r's gradient loop.
-template <typename TH, typename TO, bool DH, bool LONG>
+template <typename TH, typename TO, bool HAS_DH, bool LONG>
 void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   const int64_t N = a.N;
   auto hrow = [&](int64_t r) { return static_cast<const TH*>(a.h) + r * a.sh; };
@@ -388,7 +422,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     load(a.g + j, g0, g1, n);
     s0 = at::vec::fmadd(u * g0, p, s0);
     s1 = at::vec::fmadd(v * g1, q, s1);
-    if constexpr (DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
+    if constexpr (HAS_DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
   };
   std::conditional_t<LONG, Cascade, NoCascade> cas;  // as in forward_rows
   fVec s0(0.f), s1(0.f);
@@ -412,7 +446,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     const fVec vr(rs), vcs(c * s);
     TH* dx = static_cast<TH*>(a.dx) + r * N;
     const bool st = a.stream && can_stream(dx);
-    const TH* dh = DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
+    const TH* dh = HAS_DH ? static_cast<const TH*>(a.dh) + r * a.sdh : nullptr;
     const bool next = r + 1 < r1;
     fVec n0(0.f), n1(0.f);
     cas.blocks = 0;
@@ -436,7 +470,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
         d0 = d0 - fVec::set(zero, p * vcs, std::min(m, kF));
         d1 = d1 - fVec::set(zero, q * vcs, std::max<int64_t>(0, m - kF));
       }
-      if constexpr (DH) {
+      if constexpr (HAS_DH) {
         fVec e0, e1;
         load(dh + j, e0, e1, n);
         d0 = d0 + e0;
@@ -447,7 +481,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
         fVec w0, w1;
         p = p * vr;
         q = q * vr;
-        if (a.llama) Io<TH>::round(p, q);
+        round_through(a.round_to, p, q);
         load(dw + j, w0, w1, n);
         store(dw + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
       }
@@ -539,12 +573,13 @@ Shape split_rows(const at::Tensor& t, int64_t nd) {
 // -> (y, h or None, rstd); y and h have x's shape, rstd the batch shape, in fp32.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside,
-    double offset, bool llama, at::ScalarType out_dtype, int64_t blocks, bool stream) {
-  const Shape sh = split_rows(x, nd);
-  const int64_t M = sh.M, N = sh.N;
+    const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream) {
+  const Shape sh = split_rows(x, spec.nd);
+  const int64_t M = sh.M, N = sh.N, k = spec.k;
+  const at::ScalarType out_dtype = spec.out_dtype;
   TORCH_CHECK(k >= 1 && k <= N, "rmsnorm cpu: k must be in [1, N]");
   const bool res = residual.has_value();
+  TORCH_CHECK(res == spec.residual, "rmsnorm cpu: the spec's residual flag does not match the arguments");
   const at::ScalarType th = res ? residual->scalar_type() : x.scalar_type();
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   auto y = at::empty(x.sizes(), opts.dtype(out_dtype));
@@ -553,13 +588,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   if (M == 0) return {y, h, rstd};
   const at::Tensor x2 = rows(x, M, N, "x");
   const at::Tensor r2 = res ? rows(*residual, M, N, "residual") : at::Tensor();
-  const at::Tensor g = gain(weight, N, offset);
+  const at::Tensor g = gain(weight, N, spec.offset);
   const at::Tensor b = f32_row(bias, N);
   if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
   const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
               res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),
-              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama,
-              stream};
+              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(spec.eps), spec.eps_outside,
+              spec.round_to, stream};
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   dispatch(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
@@ -614,10 +649,9 @@ at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& rstd,
-    int64_t nd, int64_t k, double eps, bool eps_outside, double offset, bool llama, bool need_dw,
-    bool need_db, int64_t blocks, bool stream) {
-  const Shape sh = split_rows(h, nd);
-  const int64_t M = sh.M, N = sh.N;
+    const Spec& spec, bool need_dw, bool need_db, int64_t blocks, bool stream) {
+  const Shape sh = split_rows(h, spec.nd);
+  const int64_t M = sh.M, N = sh.N, k = spec.k;
   TORCH_CHECK(dy.sizes() == h.sizes(), "rmsnorm cpu: dy must have h's shape");
   TORCH_CHECK(!need_dw || weight.has_value(), "rmsnorm cpu: need_dw without a weight");
   TORCH_CHECK(!need_db || bias.has_value(), "rmsnorm cpu: need_db without a bias");
@@ -636,12 +670,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
                   "rmsnorm cpu: dh must have h's dtype and shape");
       dh2 = rows(*dh, M, N, "dh");
     }
-    const at::Tensor g = gain(weight, N, offset);
+    const at::Tensor g = gain(weight, N, spec.offset);
     const Bwd a{dy2.data_ptr(), dy2.stride(0), dh2.defined() ? dh2.data_ptr() : nullptr,
                 dh2.defined() ? dh2.stride(0) : 0, h2.data_ptr(), h2.stride(0), rstd.data_ptr<float>(),
                 g.data_ptr<float>(), dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
-                need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(eps), eps_outside, llama,
-                stream};
+                need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(spec.eps), spec.eps_outside,
+                spec.round_to, stream};
     // pairwise levels of the dW/db column sums, per block (see ColumnSums)
     const int64_t per_block = (M + blocks - 1) / blocks;
     const int64_t nl = ColumnSums::levels_for(per_block);
@@ -692,24 +726,15 @@ void set_graph_backward(py::object f) {
 struct KernelFunction : public torch::autograd::Function<KernelFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
-      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, int64_t nd, int64_t k,
-      double eps, bool eps_outside, double offset, bool llama, at::ScalarType out_dtype, int64_t blocks,
-      bool stream) {
-    auto [y, h, rstd] = ::forward(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
-                                  blocks, stream);
+      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const Spec& spec,
+      int64_t blocks, bool stream) {
+    auto [y, h, rstd] = ::forward(x, weight, bias, residual, spec, blocks, stream);
     const bool res = residual.has_value();
     ctx->save_for_backward({res ? h : x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), rstd});
-    ctx->saved_data["nd"] = nd;
-    ctx->saved_data["k"] = k;
-    ctx->saved_data["eps"] = eps;
-    ctx->saved_data["eps_outside"] = eps_outside;
-    ctx->saved_data["offset"] = offset;
-    ctx->saved_data["llama"] = llama;
+    ctx->saved_data["spec"] = spec.pack();
     ctx->saved_data["blocks"] = blocks;
     ctx->saved_data["stream"] = stream;
-    ctx->saved_data["res"] = res;
     ctx->saved_data["x_dtype"] = static_cast<int64_t>(x.scalar_type());
-    ctx->saved_data["out_dtype"] = static_cast<int64_t>(out_dtype);
     if (res) return {y, h};
     return {y};
   }
@@ -718,34 +743,31 @@ struct KernelFunction : public torch::autograd::Function<KernelFunction> {
                                                  torch::autograd::variable_list grads) {
     auto saved = ctx->get_saved_variables();
     const at::Tensor& h = saved[0];
-    const bool res = ctx->saved_data["res"].toBool();
+    const Spec spec = Spec::unpack(ctx->saved_data["spec"]);
+    const bool res = spec.residual;
+    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
     // needs_input_grad counts only the tensors that were given (an absent optional has no edge)
     bool needs[4] = {false, false, false, false};
     for (size_t i = 0, edge = 0; i < 4; ++i) {
       const bool given = i == 0 || (i < 3 ? saved[i].defined() : res);
       if (given) needs[i] = ctx->needs_input_grad(edge++);
     }
+    // one gradient per forward argument: x, weight, bias, residual, spec, blocks, stream
+    torch::autograd::variable_list result(7);
     if (at::GradMode::is_enabled()) {
       TORCH_CHECK(g_graph_backward != nullptr, "rmsnorm cpu: no differentiable backward registered");
       py::gil_scoped_acquire gil;
       auto opt = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
-      py::tuple need = py::make_tuple(needs[0], needs[1], needs[2], needs[3]);
       py::tuple out = (*g_graph_backward)(
           opt(grads[0]), res && grads.size() > 1 ? opt(grads[1]) : py::none(), h, opt(saved[1]), opt(saved[2]),
-          ctx->saved_data["nd"].toInt(), ctx->saved_data["k"].toInt(), ctx->saved_data["eps"].toDouble(),
-          ctx->saved_data["eps_outside"].toBool(), ctx->saved_data["offset"].toDouble(),
-          ctx->saved_data["llama"].toBool(), static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt()),
-          static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt()), need, res);
-      torch::autograd::variable_list result(13);
+          spec.fields(), x_dtype, py::make_tuple(needs[0], needs[1], needs[2], needs[3]));
       for (size_t i = 0; i < 4; ++i) {
         if (!out[i].is_none()) result[i] = out[i].cast<at::Tensor>();
       }
       return result;
     }
     at::Tensor dy = grads[0];
-    if (!dy.defined()) {
-      dy = at::zeros(h.sizes(), h.options().dtype(static_cast<at::ScalarType>(ctx->saved_data["out_dtype"].toInt())));
-    }
+    if (!dy.defined()) dy = at::zeros(h.sizes(), h.options().dtype(spec.out_dtype));
     std::optional<at::Tensor> dh;
     if (res && grads.size() > 1 && grads[1].defined()) dh = grads[1].to(h.scalar_type());
     std::optional<at::Tensor> weight, bias;
@@ -753,27 +775,54 @@ struct KernelFunction : public torch::autograd::Function<KernelFunction> {
     if (saved[2].defined()) bias = saved[2];
     const bool need_dw = weight.has_value() && needs[1];
     const bool need_db = bias.has_value() && needs[2];
-    auto [dgrad, dw, db] = ::backward(
-        dy, dh, h, weight, bias, saved[3], ctx->saved_data["nd"].toInt(), ctx->saved_data["k"].toInt(),
-        ctx->saved_data["eps"].toDouble(), ctx->saved_data["eps_outside"].toBool(),
-        ctx->saved_data["offset"].toDouble(), ctx->saved_data["llama"].toBool(), need_dw, need_db,
-        ctx->saved_data["blocks"].toInt(), ctx->saved_data["stream"].toBool());
-    const auto x_dtype = static_cast<at::ScalarType>(ctx->saved_data["x_dtype"].toInt());
-    at::Tensor dx = dgrad.scalar_type() == x_dtype ? dgrad : dgrad.to(x_dtype);
-    return {dx, dw, db, res ? dgrad : at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(),
-            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    auto [dgrad, dw, db] = ::backward(dy, dh, h, weight, bias, saved[3], spec, need_dw, need_db,
+                                      ctx->saved_data["blocks"].toInt(), ctx->saved_data["stream"].toBool());
+    result[0] = dgrad.scalar_type() == x_dtype ? dgrad : dgrad.to(x_dtype);
+    result[1] = dw;
+    result[2] = db;
+    if (res) result[3] = dgrad;
+    return result;
   }
 };
 
 torch::autograd::variable_list forward_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, int64_t nd, int64_t k, double eps, bool eps_outside, double offset,
-    bool llama, at::ScalarType out_dtype, int64_t blocks, bool stream) {
-  return KernelFunction::apply(x, weight, bias, residual, nd, k, eps, eps_outside, offset, llama, out_dtype,
-                                blocks, stream);
+    const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream) {
+  return KernelFunction::apply(x, weight, bias, residual, spec, blocks, stream);
 }
 
 }  // namespace
+
+// rmsnorm.spec.Spec (a NamedTuple of 8 fields) -> Spec, read with the C API (this runs on every call).
+namespace pybind11::detail {
+template <>
+struct type_caster<Spec> {
+  PYBIND11_TYPE_CASTER(Spec, _("rmsnorm.spec.Spec"));
+  static bool dtype(PyObject* o, at::ScalarType& out) {
+    if (!THPDtype_Check(o)) return false;
+    out = reinterpret_cast<THPDtype*>(o)->scalar_type;
+    return true;
+  }
+  bool load(handle src, bool) {
+    PyObject* t = src.ptr();
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 8) return false;
+    auto item = [t](Py_ssize_t i) { return PyTuple_GET_ITEM(t, i); };
+    value.nd = PyLong_AsLongLong(item(0));
+    value.k = PyLong_AsLongLong(item(1));
+    value.eps = PyFloat_AsDouble(item(2));
+    value.eps_outside = PyObject_IsTrue(item(3)) == 1;
+    value.offset = PyFloat_AsDouble(item(4));
+    value.residual = PyObject_IsTrue(item(7)) == 1;
+    if (PyErr_Occurred()) {
+      PyErr_Clear();
+      return false;
+    }
+    if (item(5) == Py_None) value.round_to = at::ScalarType::Undefined;
+    else if (!dtype(item(5), value.round_to)) return false;
+    return dtype(item(6), value.out_dtype);
+  }
+};
+}  // namespace pybind11::detail
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = py::int_(kF);

@@ -32,16 +32,16 @@ def _check_available() -> str | None:
     return None
 
 
-def _row_forward(x, weight, bias, residual, prm, out_dtype, out=None):
+def _row_forward(x, weight, bias, residual, spec, out=None):
     from .launch import forward
 
-    return forward(x, weight, bias, residual, prm, out_dtype, out)
+    return forward(x, weight, bias, residual, spec, out)
 
 
-def _row_backward(dy, dh, h, weight, rstd, prm, need_dw, need_db):
+def _row_backward(dy, dh, h, weight, rstd, spec, need_dw, need_db):
     from .launch import backward
 
-    return backward(dy, dh, h, weight, rstd, prm, need_dw, need_db)
+    return backward(dy, dh, h, weight, rstd, spec, need_dw, need_db)
 
 
 BACKEND = register(Backend(

@@ -2,8 +2,9 @@
 
 Math as in :mod:`rmsnorm.reference`. All statistics in fp32; offsets in int64; rows may carry a stride
 (the last dimension is contiguous); outputs are contiguous. Flags: HAS_R (residual: h = x + r is
-stored and normalized), HAS_W / HAS_B (gain, bias), PARTIAL (k < N), EPS_OUTSIDE, LLAMA (round the
-normalized row to h's dtype NORM_TY before the gain), and in the backward HAS_DH, NEED_DW, NEED_DB.
+stored and normalized), HAS_W / HAS_B (gain, bias), PARTIAL (k < N), EPS_OUTSIDE, ROUND_TY (the dtype
+the normalized row is rounded through before the gain: the spec's ``round_to``, fp32 for none, which
+compiles to nothing), and in the backward HAS_DH, NEED_DW, NEED_DB. NORM_TY is h's dtype.
 
 Strategies (chosen by heuristics.py):
 - forward ``_fwd_rows``: a [BLOCK_M, BLOCK_N] tile of whole rows in registers: one read, one write.
@@ -38,11 +39,9 @@ def _inv_rms(ss, K, eps, EPS_OUTSIDE: tl.constexpr):
 
 
 @triton.jit
-def _finish_row(x, rstd, W, B, cols, cmask, offset, NORM_TY: tl.constexpr, HAS_W: tl.constexpr,
-                HAS_B: tl.constexpr, LLAMA: tl.constexpr):
-    y = x * rstd
-    if LLAMA:
-        y = y.to(NORM_TY).to(tl.float32)
+def _finish_row(x, rstd, W, B, cols, cmask, offset, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+                ROUND_TY: tl.constexpr):
+    y = (x * rstd).to(ROUND_TY).to(tl.float32)
     if HAS_W:
         w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
         y = y * w
@@ -55,7 +54,7 @@ def _finish_row(x, rstd, W, B, cols, cmask, offset, NORM_TY: tl.constexpr, HAS_W
 @triton.jit
 def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
-              HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr,
+              HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr,
               NORM_TY: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
@@ -75,15 +74,15 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
         xs = tl.where(cols[None, :] < K, xs, 0.0)
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
     tl.store(RSTD + rows, rstd, mask=rmask)
-    y = _finish_row(xr.to(tl.float32), rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, NORM_TY, HAS_W,
-                    HAS_B, LLAMA)
+    y = _finish_row(xr.to(tl.float32), rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, HAS_W, HAS_B,
+                    ROUND_TY)
     tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
                 BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-                EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr, EV1: tl.constexpr,
+                EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr, NORM_TY: tl.constexpr, EV1: tl.constexpr,
                 EV2: tl.constexpr):
     """Rows pid, pid + programs, ...; each row read twice (statistic, then output). EV1 / EV2: L2 eviction
     hints of the two passes ("evict_last" / "evict_first" to keep the rows in flight in L2, or "")."""
@@ -118,7 +117,7 @@ def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset
                 x = tl.load(H + row * N + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
             else:
                 x = tl.load(X + row * stride_x + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
-            y = _finish_row(x, rstd, W, B, cols, m, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+            y = _finish_row(x, rstd, W, B, cols, m, offset, HAS_W, HAS_B, ROUND_TY)
             tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m, eviction_policy="evict_first")
 
 
@@ -132,19 +131,16 @@ def _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE: tl.constexpr):
 
 
 @triton.jit
-def _dw_term(hf, dyf, rstd, H_TY: tl.constexpr, LLAMA: tl.constexpr):
-    """A row's contribution to dW: dy * h * rstd (with LLAMA, the normalized row rounded to h's dtype)."""
-    xh = hf * rstd
-    if LLAMA:
-        xh = xh.to(H_TY).to(tl.float32)
-    return dyf * xh
+def _dw_term(hf, dyf, rstd, ROUND_TY: tl.constexpr):
+    """A row's contribution to dW: dy * (h * rstd rounded through ROUND_TY)."""
+    return dyf * (hf * rstd).to(ROUND_TY).to(tl.float32)
 
 
 @triton.jit
 def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
-              LLAMA: tl.constexpr, ACC_IN_REGS: tl.constexpr):
+              ROUND_TY: tl.constexpr, ACC_IN_REGS: tl.constexpr):
     """Persistent programs over row blocks. ACC_IN_REGS: the gain and the dW/db accumulators live in
     registers for the program's lifetime; else (wide rows) the gain is re-read per row block and the
     program's own partial row in DWP/DBP (L2-resident) is updated in place: fewer registers, no spills."""
@@ -182,9 +178,7 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
             dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
-            xh = h.to(tl.float32) * rstd[:, None]
-            if LLAMA:
-                xh = xh.to(Hp.dtype.element_ty).to(tl.float32)
+            xh = (h.to(tl.float32) * rstd[:, None]).to(ROUND_TY).to(tl.float32)
             if ACC_IN_REGS:
                 dw_acc += dy.to(tl.float32) * xh
             else:
@@ -222,7 +216,7 @@ def _bwd_rowdot(DY, Hp, W, S, stride_dy, stride_h, N, offset, BLOCK_N: tl.conste
 @triton.jit
 def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
                BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr, NEED_DW: tl.constexpr,
-               NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr):
+               NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gid = tl.program_id(1)
     groups = tl.num_programs(1)
@@ -247,7 +241,7 @@ def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, strid
             dx += tl.load(DH + r64 * stride_dh + cols, mask=cmask, other=0.0).to(tl.float32)
         tl.store(DX + r64 * N + cols, dx.to(DX.dtype.element_ty), mask=cmask)
         if NEED_DW:
-            dw_acc += _dw_term(h, dy, rstd, Hp.dtype.element_ty, LLAMA)
+            dw_acc += _dw_term(h, dy, rstd, ROUND_TY)
         if NEED_DB:
             db_acc += dy
     if NEED_DW:
@@ -281,7 +275,7 @@ def _team_sync(ARR, GEN, team, G, SYNC: tl.constexpr):
 @triton.jit
 def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, K, eps, offset, teams, G,
               CHUNK: tl.constexpr, GMAX: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
-              PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, LLAMA: tl.constexpr, NORM_TY: tl.constexpr,
+              PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr, NORM_TY: tl.constexpr,
               SYNC: tl.constexpr = True):
     """Split-row forward: team t of G programs handles rows t, t + teams, ...; program g owns columns
     [g*CHUNK, (g+1)*CHUNK). PART[row, g] holds the chunk's sum of squares. G is a run-time argument
@@ -316,7 +310,7 @@ def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, 
                         cache_modifier=".cg")
         rstd = _inv_rms(tl.sum(parts, axis=0), K, eps, EPS_OUTSIDE)
         tl.store(RSTD + row, rstd, mask=valid & (g == 0))
-        y = _finish_row(xr.to(tl.float32), rstd, W, B, cols, cmask, offset, NORM_TY, HAS_W, HAS_B, LLAMA)
+        y = _finish_row(xr.to(tl.float32), rstd, W, B, cols, cmask, offset, HAS_W, HAS_B, ROUND_TY)
         tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
         xr = xn
 
@@ -325,7 +319,7 @@ def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, 
 def _bwd_team(DY, DH, Hp, W, RSTD, DX, DWP, DBP, PART, ARR, GEN, stride_dy, stride_dh, stride_h, M, N, K, eps,
               offset, teams, G, CHUNK: tl.constexpr, GMAX: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
-              LLAMA: tl.constexpr, SYNC: tl.constexpr = True):
+              ROUND_TY: tl.constexpr, SYNC: tl.constexpr = True):
     """Split-row backward: as _fwd_team, PART[row, g] holding the chunk's part of sum(dy * g * h). dW/db
     accumulate in registers over the team's rows and are written once as (teams, N) partials."""
     pid = tl.program_id(0)
@@ -366,7 +360,7 @@ def _bwd_team(DY, DH, Hp, W, RSTD, DX, DWP, DBP, PART, ARR, GEN, stride_dy, stri
             dx += tl.load(DH + row * stride_dh + cols, mask=cols < tl.where(valid, N, 0), other=0.0).to(tl.float32)
         tl.store(DX + row * N + cols, dx.to(DX.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
         if NEED_DW:
-            dw_acc += _dw_term(hf, dyf, rstd, Hp.dtype.element_ty, LLAMA)
+            dw_acc += _dw_term(hf, dyf, rstd, ROUND_TY)
         if NEED_DB:
             db_acc += dyf
         h = hn

@@ -8,11 +8,16 @@ import torch
 import triton
 import triton.language as tl
 
-from ...args import Params
+from ...spec import Spec
 from . import kernels
 from .heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+def _round_ty(spec: Spec):
+    """The kernels' ROUND_TY: the spec's rounding dtype, fp32 (the identity on fp32 values) for none."""
+    return _TL[spec.round_to] if spec.round_to is not None else tl.float32
 
 
 @functools.cache
@@ -58,14 +63,14 @@ def team_grid(compiled, num_warps: int, sms: int, g: int, rows: int, device: tor
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-            residual: torch.Tensor | None, prm: Params, out_dtype: torch.dtype, out: tuple | None = None,
+            residual: torch.Tensor | None, spec: Spec, out: tuple | None = None,
             config: FwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(y, h, rstd) of (M, N) rows; ``out``: contiguous (M, N) tensors (y, h | None) to write into."""
     m, n = x.shape
     if out is not None:
         y, h = out
     else:
-        y = torch.empty((m, n), dtype=out_dtype, device=x.device)
+        y = torch.empty((m, n), dtype=spec.out_dtype, device=x.device)
         h = torch.empty((m, n), dtype=residual.dtype, device=x.device) if residual is not None else None
     rstd = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m == 0:
@@ -75,19 +80,19 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     b = bias.contiguous() if bias is not None else x
     r = residual if residual is not None else x
     ptrs = (x, r, w, b, y, h if h is not None else y, rstd)
-    scalars = (x.stride(0), r.stride(0), m, n, prm.k, prm.eps, prm.offset)
+    scalars = (x.stride(0), r.stride(0), m, n, spec.k, spec.eps, spec.offset)
     flags = {"HAS_R": residual is not None, "HAS_W": weight is not None, "HAS_B": bias is not None,
-             "EPS_OUTSIDE": prm.eps_outside, "LLAMA": prm.llama,
+             "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
     if cfg.single:
         grid = (triton.cdiv(m, cfg.block_m),)
-        kernels._fwd_rows[grid](*ptrs, *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=prm.k < n,
+        kernels._fwd_rows[grid](*ptrs, *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=spec.k < n,
                                 num_warps=cfg.num_warps, **flags)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
         arr, gen = _barrier_state(x.device)
-        consts = {"CHUNK": cfg.block_n, "GMAX": TEAM_MAX, "PARTIAL": prm.k < n, "num_warps": cfg.num_warps, **flags}
+        consts = {"CHUNK": cfg.block_n, "GMAX": TEAM_MAX, "PARTIAL": spec.k < n, "num_warps": cfg.num_warps, **flags}
         teams = cfg.programs // g if cfg.programs else _teams(kernels._fwd_team, (*ptrs, part, arr, gen, *scalars),
                                                               consts, g, m, x.device)
         for sync in _team_launches(x.device, g):
@@ -133,7 +138,7 @@ def _teams(kernel, args: tuple, consts: dict, g: int, rows: int, device: torch.d
 
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
-             rstd: torch.Tensor, prm: Params, need_dw: bool, need_db: bool, config: BwdConfig | None = None
+             rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool, config: BwdConfig | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
@@ -144,9 +149,9 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
     w = weight.contiguous() if weight is not None else h
     d = dh if dh is not None else h
     flags = {"HAS_DH": dh is not None, "HAS_W": weight is not None, "NEED_DW": need_dw, "NEED_DB": need_db,
-             "PARTIAL": prm.k < n, "EPS_OUTSIDE": prm.eps_outside, "LLAMA": prm.llama}
+             "PARTIAL": spec.k < n, "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec)}
     strides = (dy.stride(0), d.stride(0), h.stride(0))
-    scalars = (m, n, prm.k, prm.eps, prm.offset)
+    scalars = (m, n, spec.k, spec.eps, spec.offset)
     if cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), **f32)
@@ -173,7 +178,7 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
                                            num_warps=cfg.num_warps, **flags)
         else:
             s = torch.empty((m,), **f32)
-            kernels._bwd_rowdot[(m,)](dy, h, w, s, dy.stride(0), h.stride(0), n, prm.offset,
+            kernels._bwd_rowdot[(m,)](dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset,
                                       BLOCK_N=cfg.block_n, HAS_W=weight is not None, num_warps=cfg.num_warps)
             grid = (triton.cdiv(n, cfg.block_n), programs)
             kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars, BLOCK_N=cfg.block_n,

@@ -1,0 +1,124 @@
+"""The spec of one RMSNorm call: every option the kernels need, resolved, in one immutable object.
+
+:func:`rmsnorm.functional.resolve` builds a :class:`Spec` from the user's arguments (the module caches
+it per dtypes and devices) and every layer passes it whole:
+
+==========================  ================================================================
+layer                       what it receives
+==========================  ================================================================
+router (``ops.run``)        the Spec
+custom ops, DTensor rules   ``spec.encode()``: one string argument (the schema holds no objects)
+backends (registry)         the Spec; each answers "supported, or why not" before it is called
+C++ kernels                 the Spec, converted to one C++ struct at the binding (kernel.cpp)
+decomposition               the Spec (``rmsnorm.composite``)
+==========================  ================================================================
+
+Adding an option is a field here, its resolution in ``functional.resolve``, and its use in the kernels;
+no signature in between changes.
+
+Cast modes (:class:`Cast`) say where the normalized row h/r is rounded before the gain multiply; a
+Spec stores what that means for the call's dtypes, ``round_to``:
+
+- ``fp32``: never (torch.nn.RMSNorm: everything in fp32, one cast of the result);
+- ``llama``: to the dtype of h (Hugging Face Llama: ``weight * hidden.to(input_dtype)``);
+- ``t5``: to the gain's dtype when the gain is fp16/bf16 (T5: ``weight * hidden.to(weight.dtype)``).
+
+Rounding to fp32 or fp64 is the identity on fp32 (fp64) arithmetic, so ``round_to`` is only ever
+``torch.bfloat16``, ``torch.float16`` or None.
+"""
+
+from __future__ import annotations
+
+import functools
+from enum import StrEnum
+from typing import NamedTuple
+
+import torch
+
+
+class Cast(StrEnum):
+    """Where the normalized row is rounded before the gain (see the module docstring). A member equals its
+    string: ``cast="llama"`` and ``cast=Cast.LLAMA`` are the same option."""
+
+    FP32 = "fp32"
+    LLAMA = "llama"
+    T5 = "t5"
+
+
+HALF = (torch.float16, torch.bfloat16)
+
+
+def round_to(cast: Cast | str, h_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype | None:
+    """The dtype ``cast`` rounds the normalized row to, for h of ``h_dtype`` and a gain of ``weight_dtype``."""
+    if cast == Cast.LLAMA:
+        return h_dtype if h_dtype in HALF else None
+    if cast == Cast.T5:
+        return weight_dtype if weight_dtype in HALF else None
+    return None
+
+
+def out_dtype_for(cast: Cast | str, h_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """Output dtype when none is given: h's (torch.nn.RMSNorm, also for a gain of another dtype); with
+    "llama" the promotion of h's and the gain's (``weight * hidden.to(input_dtype)``); with "t5" the gain's."""
+    if weight_dtype is not None:
+        if cast == Cast.LLAMA:
+            return torch.promote_types(h_dtype, weight_dtype)
+        if cast == Cast.T5:
+            return weight_dtype
+    return h_dtype
+
+
+class Spec(NamedTuple):
+    """Resolved options of one call (immutable, hashable, cheap to compare).
+
+    With h = x (+ residual) and its rows flattened over the trailing ``normalized_ndim`` dims (N elements):
+    r = sqrt(mean(h[:k]^2) + eps), or sqrt(mean(h[:k]^2)) + eps with ``eps_outside``;
+    y = round(h / r) * (weight + offset) + bias in ``out_dtype``, where round goes through ``round_to``.
+    """
+
+    normalized_ndim: int
+    k: int  # elements of each flattened row the RMS is taken over: 1 <= k <= N (0 only for N = 0)
+    eps: float
+    eps_outside: bool
+    offset: float
+    round_to: torch.dtype | None
+    out_dtype: torch.dtype
+    residual: bool  # h = x + residual is normalized and returned as a second output
+
+    def encode(self) -> str:
+        """The spec as one string (the custom ops' argument); :func:`decode` inverts it exactly.
+        Plain formatting (no cache), so that torch.compile traces it."""
+        return (f"nd={self.normalized_ndim};k={self.k};eps={self.eps!r};eps_outside={int(self.eps_outside)};"
+                f"offset={self.offset!r};round_to={_dtype_name(self.round_to)};out={_dtype_name(self.out_dtype)};"
+                f"residual={int(self.residual)}")
+
+
+def plain(out_dtype: torch.dtype, n: int = 1) -> Spec:
+    """torch.nn.RMSNorm's options for rows of n elements (eps 1e-6, output in ``out_dtype``)."""
+    return Spec(1, n, 1e-6, False, 0.0, None, out_dtype, False)
+
+
+def _dtype_name(dt: torch.dtype | None) -> str:
+    return "none" if dt is None else str(dt).removeprefix("torch.")
+
+
+def _dtype(name: str) -> torch.dtype | None:
+    if name == "none":
+        return None
+    dt = getattr(torch, name, None)
+    if not isinstance(dt, torch.dtype):
+        raise ValueError(f"not a dtype: {name!r}")
+    return dt
+
+
+@functools.lru_cache(maxsize=1024)
+def decode(text: str) -> Spec:
+    """The :class:`Spec` that :meth:`Spec.encode` wrote."""
+    try:
+        f = dict(item.split("=", 1) for item in text.split(";"))
+        out = _dtype(f["out"])
+        assert out is not None
+        return Spec(int(f["nd"]), int(f["k"]), float(f["eps"]), f["eps_outside"] == "1", float(f["offset"]),
+                    _dtype(f["round_to"]), out, f["residual"] == "1")
+    except (KeyError, ValueError, AssertionError):
+        raise ValueError(f"not an rmsnorm spec: {text!r}") from None
