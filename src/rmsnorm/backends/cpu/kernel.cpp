@@ -723,7 +723,7 @@ void set_graph_backward(py::object f) {
 }
 
 // Eager autograd in C++: the backward runs without Python, which is most of the cost of small calls.
-struct KernelFunction : public torch::autograd::Function<KernelFunction> {
+struct CpuKernelFunction : public torch::autograd::Function<CpuKernelFunction> {
   static torch::autograd::variable_list forward(
       torch::autograd::AutogradContext* ctx, const at::Tensor& x, const std::optional<at::Tensor>& weight,
       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual, const Spec& spec,
@@ -788,7 +788,7 @@ struct KernelFunction : public torch::autograd::Function<KernelFunction> {
 torch::autograd::variable_list forward_autograd(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream) {
-  return KernelFunction::apply(x, weight, bias, residual, spec, blocks, stream);
+  return CpuKernelFunction::apply(x, weight, bias, residual, spec, blocks, stream);
 }
 
 }  // namespace
