@@ -14,7 +14,7 @@ import torch
 
 from rmsnorm.reproduce import data as D
 from rmsnorm.reproduce.cli import main as reproduce_main
-from rmsnorm.reproduce.norms import VARIANTS, Norm, SpatialNorm
+from rmsnorm.reproduce.norms import TIMING_VARIANTS, VARIANTS, Norm, SpatialNorm
 from rmsnorm.reproduce.tasks import TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,28 +53,52 @@ def test_diatheke_parser():
                                       ("Psalms", 3, 2): "Many there are & more."}
 
 
+def _result(out: Path, task: str, variant: str, seed: int = 0) -> dict:
+    lr = json.loads((out / "lr" / f"{task}.json").read_text())[variant]
+    return json.loads((out / "runs" / task / variant / f"lr{lr:g}" / f"seed{seed}" / "result.json").read_text())
+
+
 def test_every_task_and_variant_runs(smoke_run):
     for t in TASKS:
         for v in VARIANTS:
-            r = json.loads((smoke_run / "runs" / t / v / "seed0" / "result.json").read_text())
+            r = _result(smoke_run, t, v)
             assert r["steps"] == 6 and r["curve"] and r["train_seconds"] > 0
-            metric = {"image": "test error %", "retrieval": "R@1"}.get(t, "BLEU")
+            metric = {"image": "test error %", "image-mlp": "test error %", "retrieval": "R@1"}.get(t, "BLEU")
             assert 0.0 <= r[metric] <= 100.0
-            assert not (smoke_run / "runs" / t / v / "seed0" / "checkpoint.pt").exists()
+            assert not list((smoke_run / "runs" / t / v).rglob("checkpoint.pt"))
         timing = json.loads((smoke_run / "timing" / f"{t}.json").read_text())
-        assert set(timing["seconds_per_step"]) == set(VARIANTS)
+        assert set(timing["seconds_per_step"]) == set(VARIANTS) | set(TIMING_VARIANTS)
+    # the grid of image-mlp: every lr at seed 0, with the dev split scored
+    grid = list((smoke_run / "runs" / "image-mlp" / "rmsnorm").glob("lr*/seed0/result.json"))
+    assert len(grid) == 2 and all("dev" in json.loads(p.read_text()) for p in grid)
 
 
 def test_report_and_outputs(smoke_run):
     report = (smoke_run / "report.md").read_text()
-    for needle in ("paper: BLEU", "prmsnorm", "torch-rmsnorm", "% saved", "copy-source BLEU", "figures/image.png",
-                   "paper: R@1", "ours: R@10", "chance R@1"):
-        assert needle in report
-    rows = json.loads((smoke_run / "results.json").read_text())["rows"]
-    assert len(rows) == len(TASKS) * len(VARIANTS)
+    for needle in ("## Verdicts", "C1:", "C2:", "C3:", "Norm-level time", "unfused", "paper: BLEU", "prmsnorm",
+                   "torch-rmsnorm", "copy-source BLEU", "figures/image.png", "paper: R@1", "chance R@1",
+                   "chosen on the dev split", "How much of a step"):
+        assert needle in report, needle
+    res = json.loads((smoke_run / "results.json").read_text())
+    assert {"raw", "comparisons", "verdicts", "rows"} <= set(res)
+    assert len(res["raw"]["runs"]) >= len(TASKS) * len(VARIANTS)
+    assert set(res["verdicts"]) == {"C1", "C2", "C3"}
+    kinds = {c["kind"] for c in res["comparisons"]}
+    assert kinds == {"quality", "step time", "norm time"}
     assert (smoke_run / "results.csv").read_text().startswith("task,variant")
     for t in TASKS:
         assert (smoke_run / "figures" / f"{t}.png").stat().st_size > 1000
+
+
+def test_verdicts_are_recomputed_from_results_json_alone(smoke_run):
+    from rmsnorm.reproduce.report import analyse
+
+    res = json.loads((smoke_run / "results.json").read_text())
+    again = json.loads(json.dumps(analyse(res["raw"])))
+    assert again["verdicts"] == res["verdicts"]
+    report = (smoke_run / "report.md").read_text()
+    for claim, v in res["verdicts"].items():
+        assert f"**{v['overall']}**" in report.split(f"| {claim}:")[1].split("\n")[0]
 
 
 def test_finished_runs_are_not_retrained(smoke_run, capsys):
@@ -95,21 +119,21 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     real = runner.train_run
     calls = {"n": 0}
 
-    def interrupting(task, variant, seed, run_dir, device, backend, dd, on_step=None):
+    def interrupting(task, variant, seed, lr, run_dir, device, backend, dd, on_step=None, dev_split=False):
         def hook(step, loss):
             calls["n"] = step
             if step == 4:
                 raise KeyboardInterrupt
-        return real(task, variant, seed, run_dir, device, backend, dd, on_step=hook)
+        return real(task, variant, seed, lr, run_dir, device, backend, dd, on_step=hook, dev_split=dev_split)
 
     monkeypatch.setattr(runner, "train_run", interrupting)
     assert reproduce_main(_args(part, tasks="image", variants="rmsnorm")) == 130
-    ck = torch.load(part / "runs/image/rmsnorm/seed0/checkpoint.pt", weights_only=False)
+    ck = torch.load(part / "runs/image/rmsnorm/lr0.002/seed0/checkpoint.pt", weights_only=False)
     assert ck["step"] == 4
     monkeypatch.setattr(runner, "train_run", real)
     assert reproduce_main(_args(part, tasks="image", variants="rmsnorm")) == 0
-    a = json.loads((full / "runs/image/rmsnorm/seed0/result.json").read_text())
-    b = json.loads((part / "runs/image/rmsnorm/seed0/result.json").read_text())
+    a = _result(full, "image", "rmsnorm")
+    b = _result(part, "image", "rmsnorm")
     assert a["test error %"] == b["test error %"]
     assert [c[2] for c in a["curve"]] == pytest.approx([c[2] for c in b["curve"]], rel=1e-4)
 
@@ -129,7 +153,7 @@ def test_missing_data_is_a_clear_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RMSNORM_DATA", str(tmp_path / "nodata"))
     monkeypatch.setattr(D, "FASHION_DIR", tmp_path / "nothing")
     monkeypatch.setattr(shutil, "which", lambda name: None)
-    assert reproduce_main(_args(tmp_path / "o", preset="quick", tasks="image")) == 3
+    assert reproduce_main(_args(tmp_path / "o", preset="quick", tasks="image-mlp")) == 3
     assert "apt-get install" in capsys.readouterr().err
 
 
@@ -164,7 +188,7 @@ def test_ddp_two_gloo_processes(tmp_path):
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=ROOT)
     assert out.returncode == 0, out.stderr[-3000:]
     for t in ("image", "mt-transformer", "retrieval"):
-        r = json.loads((tmp_path / "runs" / t / "rmsnorm" / "seed0" / "result.json").read_text())
+        r = _result(tmp_path, t, "rmsnorm")
         assert r["world_size"] == 2 and r["steps"] == 6
     assert (tmp_path / "report.md").exists()
 
@@ -176,7 +200,7 @@ def test_retrieval_scores_and_loss(tmp_path):
     from rmsnorm.reproduce.tasks import make_task
 
     task = make_task("retrieval", PRESETS["smoke"].tasks["retrieval"], "sample", tmp_path)
-    n = len(task.test_tgt)
+    n = len(task.held_tgt["test"])
 
     class Oracle(torch.nn.Module):  # verse i -> basis vector i on both sides
         def embed(self, tok, side):
@@ -243,7 +267,7 @@ def test_evaluation_feeds_the_model_on_its_own_device(task, tmp_path, monkeypatc
     for attr in ("greedy", "embed"):
         if hasattr(model, attr):
             monkeypatch.setattr(model, attr, on_meta(getattr(model, attr)))
-    if task == "image":
+    if task.startswith("image"):
         real = model.forward
         monkeypatch.setattr(model, "forward", on_meta(real))
     t.evaluate(model)

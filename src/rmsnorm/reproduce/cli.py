@@ -7,6 +7,7 @@ import importlib
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -23,9 +24,10 @@ from ..cli_args import (
 )
 from ..host import allocator, command_line, cpu_model, rerun_under_tcmalloc
 from ..spec import plain
-from .norms import VARIANTS, check_variants
-from .presets import PRESETS, get_preset, with_overrides
-from .tasks import TASKS, check_tasks
+from .norms import TIMING_VARIANTS, VARIANTS, check_variants
+from .presets import PRESETS, get_preset, task_sizes, with_overrides
+from .stats import HIGHER_IS_BETTER
+from .tasks import TASKS, check_tasks, norm_shapes
 
 
 def add_parser(sub) -> None:
@@ -34,8 +36,8 @@ def add_parser(sub) -> None:
                                    "writes results.json/csv, report.md and figures beside the paper's numbers.")
     p.add_argument("--preset", default="quick", choices=list(PRESETS), help=f"one of {', '.join(PRESETS)} "
                    "(default quick)")
-    p.add_argument("--tasks", type=choices_list(TASKS, "task"), default=",".join(TASKS),
-                   help=f"comma list of {', '.join(TASKS)}")
+    p.add_argument("--tasks", type=choices_list(TASKS, "task"), default=None,
+                   help=f"comma list of {', '.join(TASKS)} (default: the preset's)")
     p.add_argument("--variants", type=choices_list(VARIANTS, "variant"), default=",".join(VARIANTS),
                    help=f"comma list of {', '.join(VARIANTS)}")
     p.add_argument("--seeds", type=positive_int, default=None, help="number of seeds (default: the preset's)")
@@ -82,14 +84,19 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _main(args: argparse.Namespace) -> int:
-    from .runner import finished, run_dir
+    from .runner import finished
 
     try:
         preset = with_overrides(get_preset(args.preset), args.seeds, args.steps)
-        tasks = check_tasks(_listed(args.tasks))
+        tasks = check_tasks(_listed(args.tasks) if args.tasks else list(preset.default_tasks or preset.tasks))
         variants = check_variants(_listed(args.variants))
+        missing = [t for t in tasks if t not in preset.tasks]
+        if missing:
+            raise ValueError(f"the {preset.name} preset has no size for {missing}; its tasks: "
+                             f"{', '.join(preset.tasks)}")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    variants = [v for v in variants if v in VARIANTS]  # the timing-only variants are added by the timing phase
     if any(t.startswith("mt") for t in tasks) and not _importable("sacrebleu"):
         raise UsageError("the translation tasks need sacrebleu: install the experiments extra "
                          "(pip install 'rmsnorm[experiments]')")
@@ -98,21 +105,24 @@ def _main(args: argparse.Namespace) -> int:
         out = output_dir(out)  # a plan shows where it would write, and creates nothing
     if args.threads:
         torch.set_num_threads(args.threads)
-    runs = [(t, v, s) for t in tasks for s in range(preset.seeds) for v in variants]
+    runs = [(t, v, s, lr) for t in tasks for v in variants for s, lr in _schedule(preset.tasks[t], preset.seeds)]
     if args.dry_run:
         print(f"preset {preset.name} ({preset.data} data), {preset.seeds} seed(s), output {out}")
+        print(f"  norm-level timing at every task's shapes, fused and unfused: up to {preset.norm_timing_s:.0f} s")
         for t in tasks:
             size = preset.tasks[t]
-            print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch}), "
-                  f"then {preset.timing_rounds} timing rounds x {preset.timing_steps} steps per variant")
-        done = sum(finished(out, t, v, s) for t, v, s in runs)
-        print(f"  {len(runs)} training runs, {done} already finished (they are not trained again)")
+            grid = f", lr chosen per variant from {list(size.lrs)} on the dev split" if size.lrs else ""
+            print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch})"
+                  f"{grid}, then at least {preset.timing_rounds} timing rounds x {preset.timing_steps} steps")
+        done = sum(finished(out, t, v, s, lr) for t, v, s, lr in runs)
+        print(f"  at most {len(runs)} training runs, {done} already finished (they are not trained again)")
         return 0
     _maybe_tcmalloc(getattr(args, "allocator", "current"))
     from . import report
     from .atomic import atomic_json
     from .data import DataMissing
-    from .runner import Dist, time_variants, train_run
+    from .normtime import time_norms
+    from .runner import Dist, norm_share, run_dir, time_variants, train_run
     from .tasks import make_task
 
     dd = Dist(args.device)
@@ -120,37 +130,70 @@ def _main(args: argparse.Namespace) -> int:
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "backend": args.backend or _auto_backend(args.device), "world_size": dd.world, "allocator": allocator(),
-            "started": time.strftime("%Y-%m-%d %H:%M %Z")}
+            "started": time.strftime("%Y-%m-%d %H:%M %Z"), "tasks": tasks, "variants": variants}
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_json(out / "meta.json", {**meta, "preset_config": {t: vars(preset.tasks[t]) for t in tasks}})
-    total = sum(preset.tasks[t].steps for t, v, s in runs if not finished(out, t, v, s))
+        atomic_json(out / "meta.json", {**meta, "preset_config": {t: asdict(preset.tasks[t]) for t in tasks}})
+    total = sum(preset.tasks[t].steps for t, v, s, lr in runs if not finished(out, t, v, s, lr))
     bar = _bar(total, args.no_progress or not dd.main)
     t_start = time.time()
     try:
-        for t in tasks:
+        built = {}
+        for t in tasks:  # data first: a missing data set is reported before anything runs
             try:
-                task = make_task(t, preset.tasks[t], preset.data, out / "work")
+                built[t] = make_task(t, preset.tasks[t], preset.data, out / "work")
             except DataMissing as exc:
                 print(f"rmsnorm reproduce: {exc}", file=sys.stderr)
                 return 3
+        if dd.main and not (out / "timing" / "norms.json").exists():
+            bar.set_description("norm-level timing")
+            shapes = _norm_shapes(preset, out)
+            res = time_norms(shapes, preset.norm_timing_s, args.device, args.backend)
+            atomic_json(out / "timing" / "norms.json", res)
+            report.write_report(out, meta)
+        for t in tasks:
+            task = built[t]
             if dd.main:
                 atomic_json(out / "trivial" / f"{t}.json", task.trivial_baseline())
+            size = preset.tasks[t]
+
+            def train(v: str, s: int, lr: float, dev_split: bool = False, t: str = t, task=task) -> dict:
+                done = finished(out, t, v, s, lr)
+                if not done:
+                    bar.set_description(f"{t} {v} lr{lr:g} seed{s}")
+                res = train_run(task, v, s, lr, run_dir(out, t, v, s, lr), args.device, args.backend, dd,
+                                on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
+                                dev_split=dev_split)
+                if dd.main and not done:
+                    dev = f" (dev {res['dev'][task.metric]})" if "dev" in res else ""
+                    bar.write(f"{t} {v} lr{lr:g} seed{s}: {task.metric} {res.get(task.metric)}{dev} in "
+                              f"{res['train_seconds']:.0f} s")
+                return res
+
+            chosen = {}
+            for v in variants:
+                if size.lrs:
+                    dev = {lr: train(v, 0, lr, dev_split=True)["dev"][task.metric] for lr in size.lrs}
+                    chosen[v] = best_lr(dev, task.metric)
+                else:
+                    chosen[v] = size.lr
+            if dd.main:
+                atomic_json(out / "lr" / f"{t}.json", {v: chosen[v] for v in variants})
             for s in range(preset.seeds):
                 for v in variants:
-                    if finished(out, t, v, s):
-                        continue
-                    bar.set_description(f"{t} {v} seed{s}")
-                    res = train_run(task, v, s, run_dir(out, t, v, s), args.device, args.backend, dd,
-                                    on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")))
-                    if dd.main:
-                        metric = res.get(task.metric)
-                        bar.write(f"{t} {v} seed{s}: {task.metric} {metric} in {res['train_seconds']:.0f} s")
-                        report.write_report(out, meta)
+                    train(v, s, chosen[v])
+                if dd.main:
+                    report.write_report(out, meta)
             if dd.main:
                 bar.set_description(f"{t} timing")
-                time_variants(task, variants, args.device, args.backend, preset.timing_rounds, preset.timing_steps,
-                              out / "timing" / f"{t}.json")
+                timed = variants + [v for v in TIMING_VARIANTS if v.removesuffix("-ops") in variants]
+                pairs = tuple((a, b) for a, b in (("rmsnorm", "layernorm"), ("prmsnorm", "rmsnorm"),
+                                                  ("rmsnorm-ops", "layernorm-ops"), ("prmsnorm-ops", "rmsnorm-ops"))
+                              if a in timed and b in timed)
+                time_variants(task, timed, args.device, args.backend, preset.timing_rounds, preset.timing_steps,
+                              out / "timing" / f"{t}.json", preset.timing_budget_s, pairs)
+                if "layernorm" in variants:
+                    norm_share(task, args.device, args.backend, out / "timing" / f"{t}-share.json")
                 report.write_report(out, meta)
             dd.barrier()
     except KeyboardInterrupt:
@@ -164,6 +207,28 @@ def _main(args: argparse.Namespace) -> int:
         print(f"rmsnorm reproduce: done in {time.time() - t_start:.0f} s; report: {path}")
         print(path.read_text())
     return 0
+
+
+def _schedule(size, seeds: int) -> list[tuple[int, float]]:
+    """(seed, lr) of the runs a variant may need: seed 0 at every grid lr, the other seeds at the chosen one
+    (counted at the first grid lr for the plan)."""
+    if not size.lrs:
+        return [(s, size.lr) for s in range(seeds)]
+    return [(0, lr) for lr in size.lrs] + [(s, size.lrs[0]) for s in range(1, seeds)]
+
+
+def best_lr(dev: dict[float, float], metric: str) -> float:
+    """The grid lr with the best dev metric (the smaller lr on a tie)."""
+    sign = 1 if HIGHER_IS_BETTER[metric] else -1
+    return max(sorted(dev), key=lambda lr: (sign * dev[lr], -lr))
+
+
+def _norm_shapes(preset, out: Path) -> dict[str, tuple[int, int]]:
+    """Every task's norm shapes, from the task sizes alone (no data is loaded)."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, size in task_sizes(preset).items():
+        shapes.update(norm_shapes(name, size))
+    return shapes
 
 
 def _auto_backend(device: str) -> str:

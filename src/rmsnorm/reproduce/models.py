@@ -1,7 +1,7 @@
 """The models of the reproduction, each with its normalization variant.
 
 - ``GRUSeq2Seq``: RNNSearch-style GRU encoder-decoder with additive attention (Bahdanau et al.); as in the
-  authors' Theano/Nematus code, the norm is applied to the concatenated gate pre-activations W x and U h.
+  authors' Theano RMS GRU, four norms per cell (:class:`NormGRUCell`).
 - ``TransformerMT``: post-norm Transformer encoder-decoder (the paper's base model, scaled down).
 - ``ConvPoolCNNC``: ConvPool-CNN-C (Springenberg et al.), narrower, with a norm after every convolution.
 - ``GRURetrieval``: two GRU sentence encoders into one embedding space (the text side of the paper's
@@ -22,26 +22,34 @@ PAD, BOS, EOS = 0, 1, 2
 
 
 class NormGRUCell(nn.Module):
-    """GRU cell with the norm on the concatenated gate pre-activations: gx = N_x(W x) (computed for the whole
-    sequence at once), gh = N_h(U h); r, z = sigmoid(gx_rz + gh_rz); c = tanh(gx_c + r * gh_c)."""
+    """GRU cell with four norms, as the authors' RMS GRU (Theano): W x for the gates [r, z], W x for the
+    candidate, U h for [r, z], U h for the candidate, each normalized on its own (gain, no norm bias; the gate
+    biases are W's). r, z = sigmoid(N(W_rz x) + N(U_rz h)); c = tanh(N(W_c x) + r * N(U_c h)). W x is computed
+    for the whole sequence at once. Initialisation as theirs: W ~ N(0, 0.01), U orthogonal, biases zero."""
 
     def __init__(self, in_dim: int, hidden: int, variant: str, backend: str | None) -> None:
         super().__init__()
         self.hidden = hidden
-        self.wx = nn.Linear(in_dim, 3 * hidden)
-        self.uh = nn.Linear(hidden, 3 * hidden, bias=False)
-        self.nx = Norm(variant, 3 * hidden, backend)
-        self.nh = Norm(variant, 3 * hidden, backend)
+        self.w_rz, self.w_c = nn.Linear(in_dim, 2 * hidden), nn.Linear(in_dim, hidden)
+        self.u_rz, self.u_c = nn.Linear(hidden, 2 * hidden, bias=False), nn.Linear(hidden, hidden, bias=False)
+        self.n_wrz = Norm(variant, 2 * hidden, backend, bias=False)
+        self.n_wc = Norm(variant, hidden, backend, bias=False)
+        self.n_urz = Norm(variant, 2 * hidden, backend, bias=False)
+        self.n_uc = Norm(variant, hidden, backend, bias=False)
+        with torch.no_grad():
+            for w in (self.w_rz, self.w_c):
+                nn.init.normal_(w.weight, std=0.01)
+                nn.init.zeros_(w.bias)
+            for u in (self.u_rz.weight[:hidden], self.u_rz.weight[hidden:], self.u_c.weight):
+                nn.init.orthogonal_(u)
 
-    def input_gates(self, x: torch.Tensor) -> torch.Tensor:
-        return self.nx(self.wx(x))
+    def input_gates(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.n_wrz(self.w_rz(x)), self.n_wc(self.w_c(x))
 
-    def step(self, gx: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        gh = self.nh(self.uh(h))
-        hd = self.hidden
-        rz = torch.sigmoid(gx[..., : 2 * hd] + gh[..., : 2 * hd])
-        r, z = rz[..., :hd], rz[..., hd:]
-        c = torch.tanh(gx[..., 2 * hd:] + r * gh[..., 2 * hd:])
+    def step(self, gx: tuple[torch.Tensor, torch.Tensor], h: torch.Tensor) -> torch.Tensor:
+        rz = torch.sigmoid(gx[0] + self.n_urz(self.u_rz(h)))
+        r, z = rz[..., : self.hidden], rz[..., self.hidden:]
+        c = torch.tanh(gx[1] + r * self.n_uc(self.u_c(h)))
         return (1 - z) * c + z * h
 
 
@@ -53,7 +61,7 @@ def run_gru(cell: NormGRUCell, x: torch.Tensor, mask: torch.Tensor, reverse: boo
     h = x.new_zeros(b, cell.hidden)
     states = [None] * s
     for t in (reversed(range(s)) if reverse else range(s)):
-        h = torch.where(mask[:, t, None], cell.step(gates[:, t], h), h)
+        h = torch.where(mask[:, t, None], cell.step((gates[0][:, t], gates[1][:, t]), h), h)
         states[t] = h
     return torch.stack(states, 1), h
 
@@ -207,12 +215,34 @@ class ConvPoolCNNC(nn.Module):
                 layers += [nn.MaxPool2d(3, 2, padding=1), nn.Dropout(dropout)]
             else:
                 cin, cout, k = s
-                layers += [nn.Conv2d(cin, cout, k, padding=k // 2), SpatialNorm(variant, cout, backend), nn.ReLU()]
+                # bias-free before a norm (the authors' Lasagne code): LayerNorm would cancel a conv bias,
+                # RMSNorm would not; the norm's own bias takes its place
+                conv = nn.Conv2d(cin, cout, k, padding=k // 2, bias=variant == "baseline")
+                layers += [conv, SpatialNorm(variant, cout, backend), nn.ReLU()]
         layers.append(nn.Conv2d(c2, classes, 1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return F.adaptive_avg_pool2d(self.net(x), 1).flatten(1)
+
+
+class MLP(nn.Module):
+    """Flattened image -> ``layers`` x (Linear, norm, ReLU, dropout) -> Linear to the classes. The norm runs
+    over the hidden units (rows of ``hidden``), gain and bias inside the norm call; the linear layers before
+    a norm have no bias (the norm's bias takes its place)."""
+
+    def __init__(self, inputs: int, hidden: int, layers: int, classes: int, variant: str,
+                 backend: str | None = None, dropout: float = 0.1) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = [nn.Flatten()]
+        for i in range(layers):
+            blocks += [nn.Linear(inputs if i == 0 else hidden, hidden, bias=variant == "baseline"),
+                       Norm(variant, hidden, backend), nn.ReLU(), nn.Dropout(dropout)]
+        blocks.append(nn.Linear(hidden, classes))
+        self.net = nn.Sequential(*blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
 
 
 class GRURetrieval(nn.Module):

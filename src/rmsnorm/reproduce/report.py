@@ -1,135 +1,274 @@
-"""Aggregate finished runs into results.json / results.csv, a Markdown report beside the paper, and figures."""
+"""Finished runs -> results.json / results.csv (raw data, paired comparisons, verdicts), report.md, figures.
+
+results.json holds everything a verdict is computed from: every run's metrics by (task, variant, lr, seed),
+the learning-rate choices, every timing round, the norm-level timing and the profiler shares; then the
+comparisons (:mod:`rmsnorm.reproduce.stats`) and the verdicts on the paper's claims. The prose of report.md
+is written from those verdicts, word for word.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 
 from ..host import pyplot
+from . import stats as S
 from .atomic import atomic_file, atomic_json, atomic_text
-from .norms import VARIANTS
+from .norms import TIMING_VARIANTS, VARIANTS
 from .paper import PAPER
-from .tasks import TASK_TITLES, metric_of
+from .tasks import TASK_TITLES, TASKS, metric_of
 
 MORE_METRICS = ("R@5", "R@10", "Es→En R@1", "Es→En R@5", "Es→En R@10", "median rank")
+CLAIMS = {
+    "C1": "RMSNorm's quality is comparable to LayerNorm's (at most the stated margin worse)",
+    "C2": "RMSNorm takes 7%-64% less time than LayerNorm",
+    "C3": "pRMSNorm's quality is comparable to RMSNorm's at lower cost",
+}
 
 
-def _mean_std(xs: list[float]) -> tuple[float, float]:
-    if not xs:
-        return float("nan"), float("nan")
-    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+def _json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
 
 
 def collect(out: Path) -> dict:
-    """{task: {variant: {...}}} from runs/*/*/seed*/result.json and timing/*.json."""
-    table: dict = {}
-    for path in sorted((out / "runs").glob("*/*/seed*/result.json")):
-        r = json.loads(path.read_text())
-        table.setdefault(r["task"], {}).setdefault(r["variant"], {"runs": []})["runs"].append(r)
-    for path in sorted((out / "timing").glob("*.json")):
-        t = json.loads(path.read_text())
-        for v, secs in t["seconds_per_step"].items():
-            table.setdefault(t["task"], {}).setdefault(v, {"runs": []})["timing"] = [1000 * s for s in secs]
-    for task, variants in table.items():
-        ln = variants.get("layernorm", {}).get("timing")
-        for d in variants.values():
-            runs = d["runs"]
-            metric = metric_of(task) if runs and metric_of(task) in runs[0] else None
-            d["metric"] = metric
-            d["quality"] = _mean_std([r[metric] for r in runs]) if metric else (float("nan"), float("nan"))
-            d["more"] = {k: _mean_std([r[k] for r in runs]) for k in MORE_METRICS if runs and k in runs[0]}
-            d["seeds"] = len(runs)
-            d["time_1k"] = _mean_std(d.get("timing", []))
-            d["train_time_1k"] = _mean_std([r["seconds_per_1k_steps"] for r in runs])
-            d["saved_vs_ln"] = (100 * (1 - d["time_1k"][0] / statistics.fmean(ln))
-                                if ln and d.get("timing") else None)
-    return table
+    """The raw data of a run directory (see the module docstring)."""
+    runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/lr*/seed*/result.json"))]
+    for r in runs:
+        r.pop("curve", None), r.pop("size", None), r.pop("sample", None)
+    lr = {p.stem: json.loads(p.read_text()) for p in sorted((out / "lr").glob("*.json"))}
+    timing = {p.stem: json.loads(p.read_text()) for p in sorted((out / "timing").glob("*.json"))
+              if p.stem != "norms" and not p.stem.endswith("-share")}
+    shares = {p.stem.removesuffix("-share"): json.loads(p.read_text())
+              for p in sorted((out / "timing").glob("*-share.json"))}
+    return {"runs": runs, "lr": lr, "step_timing": timing, "norm_timing": _json(out / "timing" / "norms.json"),
+            "norm_share": shares}
 
 
-def write_tables(out: Path, table: dict) -> None:
-    rows = []
-    for task in table:
-        for v in VARIANTS:
-            d = table[task].get(v)
-            if d is None:
+def _final(raw: dict, task: str, variant: str) -> dict[int, float]:
+    """seed -> headline metric of the variant's runs at its chosen lr."""
+    chosen = raw["lr"].get(task, {}).get(variant)
+    metric = metric_of(task)
+    return {r["seed"]: r[metric] for r in raw["runs"]
+            if r["task"] == task and r["variant"] == variant and (chosen is None or r["lr"] == chosen) and metric in r}
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], list[float]]:
+    seeds = sorted(set(a) & set(b))
+    return [a[s] for s in seeds], [b[s] for s in seeds]
+
+
+def analyse(raw: dict) -> dict:
+    """Comparisons and verdicts from raw data alone (what a reader can recompute from results.json)."""
+    comps: list[dict] = []
+    tasks = [t for t in TASKS if any(r["task"] == t for r in raw["runs"])]
+    for task in tasks:
+        metric = metric_of(task)
+        margin = S.MARGINS[metric]
+        for claim, ours, ref in (("C1", "rmsnorm", "layernorm"), ("C3", "prmsnorm", "rmsnorm")):
+            a, b = _paired(_final(raw, task, ours), _final(raw, task, ref))
+            if not a:
                 continue
-            rows.append({"task": task, "variant": v, "metric": d["metric"], "quality_mean": d["quality"][0],
-                         "quality_std": d["quality"][1], "seeds": d["seeds"], "s_per_1k_steps_mean": d["time_1k"][0],
-                         "s_per_1k_steps_std": d["time_1k"][1], "saved_vs_layernorm_pct": d["saved_vs_ln"],
-                         "train_wall_s_per_1k_mean": d["train_time_1k"][0]})
-    atomic_json(out / "results.json", {"rows": rows})
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["task"])
-    w.writeheader()
-    w.writerows(rows)
-    atomic_text(out / "results.csv", buf.getvalue())
+            h = S.harm(metric, a, b)
+            comps.append({"claim": claim, "kind": "quality", "task": task, "ours": ours, "reference": ref,
+                          "metric": metric, "margin": margin, "ours_values": a, "reference_values": b,
+                          "worse_by": h.as_dict(), "verdict": S.non_inferior(h, margin)})
+    for task, t in raw["step_timing"].items():
+        secs = t["seconds_per_step"]
+        for setting, suffix in (("fused", ""), ("unfused", "-ops")):
+            for claim, ours, ref in (("C2", "rmsnorm", "layernorm"), ("C3", "prmsnorm", "rmsnorm")):
+                a, b = secs.get(ours + suffix), secs.get(ref + suffix)
+                if not a or not b:
+                    continue
+                r = S.paired_ratio(a, b)
+                verdict = S.saves_claimed_time(r) if claim == "C2" else S.faster(r)
+                comps.append({"claim": claim, "kind": "step time", "task": task, "setting": setting, "ours": ours,
+                              "reference": ref, "ratio": r.as_dict(), "saving_pct": S.saving_pct(r).as_dict(),
+                              "verdict": verdict})
+    nt = raw.get("norm_timing")
+    if nt:
+        for shape in nt["shapes"]:
+            for setting in ("unfused", "fused"):
+                for claim, ours, ref in (("C2", "rmsnorm", "layernorm"), ("C3", "prmsnorm", "rmsnorm")):
+                    a, b = nt["seconds"][f"{shape}/{setting}/{ours}"], nt["seconds"][f"{shape}/{setting}/{ref}"]
+                    r = S.paired_ratio(a, b)
+                    verdict = S.saves_claimed_time(r) if claim == "C2" else S.faster(r)
+                    comps.append({"claim": claim, "kind": "norm time", "task": shape, "setting": setting,
+                                  "ours": ours, "reference": ref, "ratio": r.as_dict(),
+                                  "saving_pct": S.saving_pct(r).as_dict(), "verdict": verdict})
+    verdicts = {}
+    for claim in CLAIMS:
+        mine = [c for c in comps if c["claim"] == claim]
+        by_kind: dict[str, list[str]] = {}
+        for c in mine:
+            by_kind.setdefault(c["kind"], []).append(c["verdict"])
+        if claim == "C3":  # quality and time of the same task combine; norm-level time stands alone
+            for c in mine:
+                if c["kind"] == "quality":
+                    times = [d["verdict"] for d in mine if d["kind"] == "step time" and d["task"] == c["task"]
+                             and d.get("setting") == "fused"]
+                    c["combined_with_fused_step_time"] = S.combine(c["verdict"], *times) if times else None
+        verdicts[claim] = {"statement": CLAIMS[claim],
+                           "by_kind": {k: {"verdict": S.summary(v), "counts": S.counts(v)}
+                                       for k, v in by_kind.items()},
+                           "overall": S.summary([c["verdict"] for c in mine]),
+                           "counts": S.counts([c["verdict"] for c in mine])}
+    return {"comparisons": comps, "verdicts": verdicts}
 
 
-def _fmt(m: float, s: float, digits: int = 1) -> str:
-    if m != m:  # NaN
-        return "–"
-    return f"{m:.{digits}f} ± {s:.{digits}f}"
+def _rows(raw: dict) -> list[dict]:
+    """One row per (task, variant): the summary table of results.csv."""
+    rows = []
+    for task in TASKS:
+        timing = raw["step_timing"].get(task, {}).get("seconds_per_step", {})
+        for v in (*VARIANTS, *TIMING_VARIANTS):
+            vals = list(_final(raw, task, v).values())
+            t = timing.get(v)
+            if not vals and not t:
+                continue
+            rows.append({"task": task, "variant": v, "metric": metric_of(task) if vals else None,
+                         "lr": raw["lr"].get(task, {}).get(v), "seeds": len(vals),
+                         "quality_mean": statistics.fmean(vals) if vals else None,
+                         "quality_std": statistics.stdev(vals) if len(vals) > 1 else None,
+                         "ms_per_step_median": 1000 * statistics.median(t) if t else None})
+    return rows
 
 
-def markdown(out: Path, table: dict, meta: dict) -> str:
+def _ci(iv: dict, digits: int = 2, pct: bool = False) -> str:
+    unit = "%" if pct else ""
+    if iv["n"] < 2 or iv["lo"] is None:
+        return f"{iv['mean']:.{digits}f}{unit} (n = {iv['n']}, no CI)"
+    return f"{iv['mean']:+.{digits}f}{unit} [{iv['lo']:+.{digits}f}, {iv['hi']:+.{digits}f}]"
+
+
+def markdown(out: Path, raw: dict, analysis: dict, meta: dict) -> str:
+    v = analysis["verdicts"]
     lines = [f"# Reproduction: {meta.get('preset', '?')} preset", "",
              f"Command: `{meta.get('command', 'rmsnorm reproduce')}`", "",
              f"Machine: {meta.get('machine', '?')}; {meta.get('threads', '?')} threads; torch "
-             f"{meta.get('torch', '?')}; rmsnorm backend for our variants: {meta.get('backend', '?')}; "
-             f"world size {meta.get('world_size', 1)}; allocator {meta.get('allocator', '?')}; started "
-             f"{meta.get('started', '?')}.", "",
-             "Quality: mean ± std over seeds. Time: seconds per 1k training steps (forward, backward, optimizer; "
-             "no evaluation, no data loading), mean ± std over rounds of an interleaved timing phase in which "
-             "the variants take turns on the same batches after warm-up. % saved is relative to LayerNorm.", ""]
-    for task, variants in table.items():
-        paper = PAPER.get(task, {})
-        lines += [f"## {TASK_TITLES.get(task, task)}", "",
-                  f"| variant | ours: {next(iter(variants.values()))['metric']} | ours: s / 1k steps | ours: % saved | "
-                  f"seeds | paper: {paper.get('metric', '')} | paper: {paper.get('time_unit', '')} | paper: % saved |",
+             f"{meta.get('torch', '?')}; rmsnorm backend: {meta.get('backend', '?')}; world size "
+             f"{meta.get('world_size', 1)}; allocator {meta.get('allocator', '?')}; started "
+             f"{meta.get('started', '?')}.",
+             "", "## Verdicts", "",
+             "Computed by code from the raw data in results.json (rmsnorm/reproduce/stats.py): seed-paired "
+             "quality differences and round-paired time ratios, each with a 95% Student-t CI. Quality: "
+             "non-inferiority within a margin fixed in advance (" +
+             ", ".join(f"{m} {d:g}" for m, d in S.MARGINS.items()) + "). Time: supported when the whole CI "
+             "of the saving is at or above 7%, contradicted when it is entirely below.", "",
+             "| claim | overall | by kind of comparison |", "|---|---|---|"]
+    for claim, d in v.items():
+        kinds = "; ".join(f"{k}: {x['verdict']} ({x['counts']})" for k, x in d["by_kind"].items()) or "not measured"
+        lines.append(f"| {claim}: {d['statement']} | **{d['overall']}** ({d['counts']}) | {kinds} |")
+    lines.append("")
+    comps = analysis["comparisons"]
+    quality = [c for c in comps if c["kind"] == "quality"]
+    if quality:
+        lines += ["## Quality (paired by seed)", "",
+                  "How much worse `ours` is than the reference in the task's metric (negative: better), with its "
+                  "95% CI, and the verdict of \"at most the margin worse\".", "",
+                  "| claim | task | ours vs reference | ours | reference | worse by | margin | verdict |",
                   "|---|---|---|---|---|---|---|---|"]
-        for v in VARIANTS:
-            d = variants.get(v)
-            if d is None:
-                continue
-            pr = paper.get("rows", {}).get(v)
-            saved = "–" if d["saved_vs_ln"] is None else f"{d['saved_vs_ln']:.1f}%"
-            lines.append(f"| {v} | {_fmt(*d['quality'], 2)} | {_fmt(*d['time_1k'])} | {saved} | {d['seeds']} | "
-                         f"{pr[0] if pr else '–'} | {pr[1] if pr else '–'} | "
-                         f"{(str(pr[2]) + '%') if pr and pr[2] is not None else '–'} |")
-        more = [k for k in MORE_METRICS if any(k in d.get("more", {}) for d in variants.values())]
-        if more:
-            lines += ["", "| variant | " + " | ".join(f"ours: {k}" for k in more) + " |",
-                      "|---|" + "---|" * len(more)]
-            lines += [f"| {v} | " + " | ".join(_fmt(*variants[v]["more"][k], 2) for k in more) + " |"
-                      for v in VARIANTS if v in variants and variants[v].get("more")]
-        trivial_path = out / "trivial" / f"{task}.json"
-        trivial = json.loads(trivial_path.read_text()) if trivial_path.exists() else None
-        if trivial:
-            lines += ["", "Trivial baseline: " + ", ".join(f"{k} {v}" for k, v in trivial.items()) + "."]
-        if paper:
-            lines += ["", f"Paper: {paper['title']}. {paper.get('also', '')}"]
-        fig = out / "figures" / f"{task}.png"
-        if fig.exists():
-            lines += ["", f"![{task} loss curves](figures/{task}.png)"]
+        for c in quality:
+            extra = (f" (with fused step time: {c['combined_with_fused_step_time']})"
+                     if c.get("combined_with_fused_step_time") else "")
+            lines.append(f"| {c['claim']} | {c['task']} | {c['ours']} vs {c['reference']} | "
+                         f"{statistics.fmean(c['ours_values']):.2f} | {statistics.fmean(c['reference_values']):.2f} | "
+                         f"{_ci(c['worse_by'])} | {c['margin']:g} | {c['verdict']}{extra} |")
         lines.append("")
+    nt = [c for c in comps if c["kind"] == "norm time"]
+    if nt:
+        t = raw["norm_timing"]
+        lines += ["## Norm-level time (forward + backward, paired by round)", "",
+                  f"Each norm alone at the tasks' shapes (rows x N, gain and bias with gradients), {t['rounds']} "
+                  "interleaved rounds. unfused: the norm written as framework ops, as the paper's 2019 code; "
+                  "fused: F.layer_norm and this library's kernels. Time saved = 1 - t(ours) / t(reference).", "",
+                  "| shape (rows x N) | setting | ours vs reference | time saved, 95% CI | verdict |",
+                  "|---|---|---|---|---|"]
+        for c in nt:
+            m, n = t["shapes"][c["task"]]
+            lines.append(f"| {c['task']} ({m} x {n}) | {c['setting']} | {c['ours']} vs {c['reference']} | "
+                         f"{_ci(c['saving_pct'], 1, True)} | {c['claim']}: {c['verdict']} |")
+        lines.append("")
+    st = [c for c in comps if c["kind"] == "step time"]
+    if st:
+        lines += ["## Training-step time (paired by round)", "",
+                  "Forward, backward and optimizer of the whole model, the variants taking turns on the same batches; "
+                  "unfused: the same models with the norms written as framework ops.", "",
+                  "| task | setting | ours vs reference | time saved, 95% CI | rounds | verdict |",
+                  "|---|---|---|---|---|---|"]
+        for c in st:
+            lines.append(f"| {c['task']} | {c['setting']} | {c['ours']} vs {c['reference']} | "
+                         f"{_ci(c['saving_pct'], 1, True)} | {c['ratio']['n']} | {c['claim']}: {c['verdict']} |")
+        lines.append("")
+    shares = raw.get("norm_share") or {}
+    if shares:
+        lines += ["## How much of a step the norm is (profiler)", "",
+                  "Share of a LayerNorm model's training step spent in LayerNorm forward and backward (torch.profiler "
+                  "self CPU time), and the most any faster norm could save of the step (Amdahl): share x the "
+                  "fused norm-level saving at the task's shape.", "",
+                  "| task | LayerNorm share of the step | fused RMSNorm norm-level saving | step saving bound |",
+                  "|---|---|---|---|"]
+        for task, s in shares.items():
+            sav = [c["saving_pct"]["mean"] for c in nt if c["task"].startswith(task + ":") and c["setting"] == "fused"
+                   and c["ours"] == "rmsnorm"]
+            bound = f"{s['norm_share'] * statistics.fmean(sav):.1f}%" if sav else "–"
+            best = f"{statistics.fmean(sav):.1f}%" if sav else "–"
+            lines.append(f"| {task} | {100 * s['norm_share']:.1f}% | {best} | {bound} |")
+        lines.append("")
+    lines += _task_sections(out, raw)
     return "\n".join(lines) + "\n"
 
 
-def figures(out: Path, table: dict) -> None:
+def _task_sections(out: Path, raw: dict) -> list[str]:
+    lines: list[str] = []
+    rows = _rows(raw)
+    for task in TASKS:
+        mine = [r for r in rows if r["task"] == task and r["seeds"]]
+        if not mine:
+            continue
+        paper = PAPER.get(task, {})
+        lines += [f"## {TASK_TITLES.get(task, task)}", "",
+                  f"| variant | lr | seeds | {metric_of(task)} mean ± std | ms / step (median) | "
+                  f"paper: {paper.get('metric', '–')} | paper: {paper.get('time_unit', 'time')} |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in mine:
+            pr = paper.get("rows", {}).get(r["variant"])
+            std = f" ± {r['quality_std']:.2f}" if r["quality_std"] is not None else ""
+            ms = f"{r['ms_per_step_median']:.1f}" if r["ms_per_step_median"] else "–"
+            lines.append(f"| {r['variant']} | {r['lr'] if r['lr'] is not None else '–'} | {r['seeds']} | "
+                         f"{r['quality_mean']:.2f}{std} | {ms} | {pr[0] if pr else '–'} | {pr[1] if pr else '–'} |")
+        grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
+        if grid:
+            metric = metric_of(task)
+            lines += ["", "Learning rate per variant, chosen on the dev split (seed 0): " + "; ".join(
+                f"{v}: " + ", ".join(f"{r['lr']:g} → {r['dev'][metric]}" for r in grid if r["variant"] == v)
+                for v in VARIANTS if any(r["variant"] == v for r in grid)) + "."]
+        trivial = _json(out / "trivial" / f"{task}.json")
+        if trivial:
+            lines += ["", "Trivial baseline: " + ", ".join(f"{k} {val}" for k, val in trivial.items()) + "."]
+        if paper:
+            lines += ["", f"Paper: {paper['title']}. {paper.get('also', '')}"]
+        if (out / "figures" / f"{task}.png").exists():
+            lines += ["", f"![{task} loss curves](figures/{task}.png)"]
+        lines.append("")
+    return lines
+
+
+def figures(out: Path, raw_runs: list[dict]) -> None:
     """Training loss against steps and against training wall time (the paper's Figure 1), mean over seeds."""
     plt = pyplot()
     if plt is None:
         return
     (out / "figures").mkdir(exist_ok=True)
-    for task, variants in table.items():
+    by_task: dict[str, dict[str, list[dict]]] = {}
+    for r in raw_runs:
+        by_task.setdefault(r["task"], {}).setdefault(r["variant"], []).append(r)
+    for task, variants in by_task.items():
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for v in VARIANTS:
-            runs = variants.get(v, {}).get("runs", [])
-            if not runs:
-                continue
+        for v, runs in variants.items():
             n = min(len(r["curve"]) for r in runs)
             if n == 0:
                 continue
@@ -150,11 +289,31 @@ def figures(out: Path, table: dict) -> None:
         plt.close(fig)
 
 
+def _clean(obj):
+    """JSON without NaN / inf (null instead)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    return obj
+
+
 def write_report(out: Path, meta: dict) -> Path:
-    table = collect(out)
-    if not table:
+    raw = collect(out)
+    if not raw["runs"] and not raw["norm_timing"]:
         return out / "report.md"
-    write_tables(out, table)
-    figures(out, table)
-    atomic_text(out / "report.md", markdown(out, table, meta))
+    analysis = analyse(raw)
+    rows = _rows(raw)
+    atomic_json(out / "results.json", _clean({"meta": meta, "raw": raw, **analysis, "rows": rows}))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]) if rows else ["task"])
+    w.writeheader()
+    w.writerows(rows)
+    atomic_text(out / "results.csv", buf.getvalue())
+    curves = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/lr*/seed*/result.json"))]
+    chosen = raw["lr"]
+    figures(out, [r for r in curves if chosen.get(r["task"], {}).get(r["variant"], r["lr"]) == r["lr"]])
+    atomic_text(out / "report.md", markdown(out, raw, analysis, meta))
     return out / "report.md"

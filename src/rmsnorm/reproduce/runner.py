@@ -2,9 +2,11 @@
 
 Layout under the output directory (identical with and without torchrun; only rank 0 writes):
 
-    runs/<task>/<variant>/seed<k>/checkpoint.pt   while training (atomic replace every ckpt_every steps)
-    runs/<task>/<variant>/seed<k>/result.json     when finished: such a run is never trained again
-    timing/<task>.json                            seconds per step of every variant, timed round-robin
+    runs/<task>/<variant>/lr<lr>/seed<k>/checkpoint.pt   while training (atomic replace every ckpt_every steps)
+    runs/<task>/<variant>/lr<lr>/seed<k>/result.json     when finished: such a run is never trained again
+    timing/<task>.json                  seconds per step of every variant, timed round-robin
+    timing/norms.json                   the norm-level timing (rmsnorm.reproduce.normtime)
+    timing/<task>-share.json            the share of a LayerNorm model's step spent in its norms (profiler)
 """
 
 from __future__ import annotations
@@ -21,16 +23,17 @@ import torch
 import torch.distributed as dist
 
 from .atomic import atomic_json, atomic_save
-from .presets import TaskSize
+from .presets import Schedule
+from .stats import paired_ratio
 
 
-def run_dir(out: Path, task: str, variant: str, seed: int) -> Path:
+def run_dir(out: Path, task: str, variant: str, seed: int, lr: float) -> Path:
     """Where one training run keeps its checkpoint and its result (see the layout above)."""
-    return out / "runs" / task / variant / f"seed{seed}"
+    return out / "runs" / task / variant / f"lr{lr:g}" / f"seed{seed}"
 
 
-def finished(out: Path, task: str, variant: str, seed: int) -> bool:
-    return (run_dir(out, task, variant, seed) / "result.json").exists()
+def finished(out: Path, task: str, variant: str, seed: int, lr: float) -> bool:
+    return (run_dir(out, task, variant, seed, lr) / "result.json").exists()
 
 
 class Dist:
@@ -64,29 +67,32 @@ class Dist:
         return t.item() / self.world
 
 
-def lr_at(size: TaskSize, step: int) -> float:
-    """Linear warm-up then inverse square root (Transformer), else constant."""
-    if size.warmup <= 0:
-        return size.lr
-    s = step + 1
-    return size.lr * min(s / size.warmup, math.sqrt(size.warmup / s))
+def lr_at(size: Schedule, lr: float, step: int) -> float:
+    """Linear warm-up then inverse square root (Transformer); linear decay to 0 (``decay``); else constant."""
+    if size.warmup > 0:
+        s = step + 1
+        return lr * min(s / size.warmup, math.sqrt(size.warmup / s))
+    if size.decay:
+        return lr * (1 - step / size.steps)
+    return lr
 
 
 def _to(batch, device: str):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def train_run(task, variant: str, seed: int, run_dir: Path, device: str, backend: str | None, dd: Dist,
-              on_step: Callable[[int, float], None] | None = None) -> dict:
-    """Train one (task, variant, seed) to task.size.steps, resuming from its checkpoint; return its result."""
+def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: str, backend: str | None, dd: Dist,
+              on_step: Callable[[int, float], object] | None = None, dev_split: bool = False) -> dict:
+    """Train one (task, variant, seed) at ``lr`` to task.size.steps, resuming from its checkpoint; return its
+    result (test metrics, and with ``dev_split`` the dev split's under "dev")."""
     result_path = run_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
-    size: TaskSize = task.size
+    size: Schedule = task.size
     torch.manual_seed(seed)
     model = task.build(variant, backend).to(device)
     params = sum(p.numel() for p in model.parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=size.lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     ckpt_path = run_dir / "checkpoint.pt"
     step, train_s, curve, window = 0, 0.0, [], []
     if ckpt_path.exists():
@@ -106,7 +112,7 @@ def train_run(task, variant: str, seed: int, run_dir: Path, device: str, backend
         while step < size.steps:
             batch = _to(task.batch(seed, step, dd.rank, dd.world), device)
             for g in opt.param_groups:
-                g["lr"] = lr_at(size, step)
+                g["lr"] = lr_at(size, lr, step)
             t0 = time.perf_counter()
             loss = task.loss(wrapped, batch)
             opt.zero_grad(set_to_none=True)
@@ -128,8 +134,10 @@ def train_run(task, variant: str, seed: int, run_dir: Path, device: str, backend
     except KeyboardInterrupt:
         checkpoint()  # keep every finished step
         raise
-    metrics = task.evaluate(model) if dd.main else {}
-    result = {"task": task.name, "variant": variant, "seed": seed, "steps": step, "train_seconds": train_s,
+    metrics = task.evaluate(model, "test") if dd.main else {}
+    if dd.main and dev_split:
+        metrics["dev"] = task.evaluate(model, "dev")
+    result = {"task": task.name, "variant": variant, "seed": seed, "lr": lr, "steps": step, "train_seconds": train_s,
               "seconds_per_1k_steps": 1000 * train_s / max(step, 1), "params": params, "curve": curve,
               "size": asdict(size), "world_size": dd.world, "backend": backend, **metrics}
     if dd.main:
@@ -140,10 +148,11 @@ def train_run(task, variant: str, seed: int, run_dir: Path, device: str, backend
 
 
 def time_variants(task, variants: list[str], device: str, backend: str | None, rounds: int, steps: int,
-                  path: Path) -> dict:
+                  path: Path, budget_s: float = 0.0, pairs: tuple[tuple[str, str], ...] = ()) -> dict:
     """Seconds per training step of every variant, timed round-robin: each round runs ``steps`` steps of
     each variant (order rotated), so slow drifts of the machine hit all variants alike. Evaluation and
-    data loading are excluded (batches are prepared before timing)."""
+    data loading are excluded (batches are prepared before timing). After ``rounds`` rounds, more rounds
+    run while the time spent is under ``budget_s`` and any ``pairs`` ratio's 95% CI is wider than ±1%."""
     if path.exists():
         return json.loads(path.read_text())
     torch.manual_seed(0)
@@ -162,14 +171,56 @@ def time_variants(task, variants: list[str], device: str, backend: str | None, r
             torch.cuda.synchronize()
         return (time.perf_counter() - t0) / len(batches)
 
+    def resolved() -> bool:
+        for a, b in pairs:
+            r = paired_ratio(samples[a], samples[b])
+            if r.n < 2 or max(math.log(r.hi / r.mean), math.log(r.mean / r.lo)) > 0.01:
+                return False
+        return True
+
     for v in variants:  # warm-up (allocator, JIT builds, caches)
         run(v)
     samples: dict[str, list[float]] = {v: [] for v in variants}
-    for r in range(rounds):
+    start, r = time.perf_counter(), 0
+    while r < rounds or (time.perf_counter() - start < budget_s and not resolved()):
         order = variants[r % len(variants):] + variants[: r % len(variants)]
         for v in order:
             samples[v].append(run(v))
-    out = {"task": task.name, "rounds": rounds, "steps_per_round": steps, "threads": torch.get_num_threads(),
+        r += 1
+    out = {"task": task.name, "rounds": r, "steps_per_round": steps, "threads": torch.get_num_threads(),
            "device": device, "backend": backend, "seconds_per_step": samples}
+    atomic_json(path, out)
+    return out
+
+
+def norm_share(task, device: str, backend: str | None, path: Path, steps: int = 6) -> dict:
+    """The share of a LayerNorm model's training step (forward, backward, optimizer) spent in LayerNorm
+    forward and backward, from torch.profiler's self CPU times: what any change of the norm can save at
+    most (Amdahl)."""
+    if path.exists():
+        return json.loads(path.read_text())
+    torch.manual_seed(0)
+    model = task.build("layernorm", backend).to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=task.size.lr)
+    batches = [_to(task.batch(0, i), device) for i in range(steps)]
+
+    def step(b) -> None:
+        loss = task.loss(model, b)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for b in batches[:2]:
+        step(b)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        for b in batches:
+            step(b)
+    total = norm = 0.0
+    for e in prof.key_averages():
+        total += e.self_cpu_time_total
+        if "layer_norm" in e.key or "LayerNormBackward" in e.key:
+            norm += e.self_cpu_time_total
+    out = {"task": task.name, "steps": steps, "norm_share": norm / total if total else 0.0,
+           "norm_us_per_step": norm / steps, "total_us_per_step": total / steps}
     atomic_json(path, out)
     return out

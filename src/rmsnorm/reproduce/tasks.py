@@ -12,16 +12,18 @@ import torch.nn.functional as F
 
 from . import data as D
 from .atomic import atomic_file
-from .models import BOS, EOS, PAD, ConvPoolCNNC, GRURetrieval, GRUSeq2Seq, TransformerMT
-from .presets import TaskSize
+from .models import BOS, EOS, MLP, PAD, ConvPoolCNNC, GRURetrieval, GRUSeq2Seq, TransformerMT
+from .presets import CNNSize, GRUMTSize, MLPSize, MTSize, RetrievalSize, Schedule, TransformerMTSize
 
 
 class Task(Protocol):
     """One experiment: its data, deterministic batches, model, loss and evaluation. ``metric`` names the
-    headline quality in what :meth:`evaluate` returns."""
+    headline quality in what :meth:`evaluate` returns; ``evaluate(model, "dev")`` scores the dev split
+    (learning-rate choice), ``"test"`` the held-out test split (the reported numbers)."""
 
     name: str
     metric: str
+    size: Schedule
 
     def build(self, variant: str, backend: str | None) -> torch.nn.Module: ...
 
@@ -29,18 +31,20 @@ class Task(Protocol):
 
     def loss(self, model: Any, batch: tuple) -> torch.Tensor: ...
 
-    def evaluate(self, model: Any) -> dict: ...
+    def evaluate(self, model: Any, split: str = "test") -> dict: ...
 
     def trivial_baseline(self) -> dict: ...
 
 
-TASKS = ("mt-gru", "mt-transformer", "image", "retrieval")  # the registry below, in report order
+TASKS = ("mt-gru", "mt-transformer", "image", "image-mlp", "retrieval")  # the registry below, in report order
 TASK_TITLES = {
     "mt-gru": "MT En→Es, GRU encoder-decoder with attention (RNNSearch)",
     "mt-transformer": "MT En→Es, post-norm Transformer",
     "image": "Fashion-MNIST, ConvPool-CNN-C",
+    "image-mlp": "Fashion-MNIST, MLP (a norm after each hidden layer)",
     "retrieval": "Verse retrieval En→Es, GRU sentence encoders (order-embedding style)",
 }
+EVAL_SEED = 1234  # the random held-out evaluation subsets
 
 
 def check_tasks(names: list[str]) -> list[str]:
@@ -82,14 +86,28 @@ def train_tokenizer(texts: list[str], vocab: int, path: Path):
 
 
 @dataclass
+class Held:
+    """An evaluation split: token ids of the sources, reference texts, source texts."""
+
+    src: list[list[int]]
+    ref: list[str]
+    src_text: list[str]
+
+
+@dataclass
 class MTData:
-    tok: object
+    tok: Any
     vocab: int
     train_src: list[list[int]]
     train_tgt: list[list[int]]
-    test_src: list[list[int]]
-    test_ref: list[str]
-    test_src_text: list[str]
+    held: dict[str, Held]  # "dev", "test"
+
+
+def _subset(n: int, k: int) -> list[int]:
+    """A random subset of k of n examples (fixed seed), in index order: not the first k in canonical order."""
+    if k >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False).tolist())
 
 
 def _device(model) -> torch.device:
@@ -99,22 +117,38 @@ def _device(model) -> torch.device:
 
 
 class Translation:
+    """Verse translation. Pairs with a side longer than ``max_len`` BPE tokens are left out of training and
+    evaluation (nothing is truncated, so no target teaches the model to stop mid-verse); the dev and test
+    sets are random subsets of ``eval_examples`` of the remaining held-out verses."""
+
     metric = "BLEU"
 
-    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+    def __init__(self, name: str, size: MTSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
         corpus = D.load_bible(which)
         tok = train_tokenizer(corpus["train"].src + corpus["train"].tgt, size.vocab, work / f"bpe-{size.vocab}.json")
-        enc = lambda xs: [e.ids[: size.max_len] for e in tok.encode_batch(xs)]
-        n_test = min(size.eval_examples, len(corpus["test"].src))
-        self.data = MTData(tok, tok.get_vocab_size(), enc(corpus["train"].src), enc(corpus["train"].tgt),
-                           enc(corpus["test"].src[:n_test]), corpus["test"].tgt[:n_test], corpus["test"].src[:n_test])
+        limit = size.max_len - 1  # room for BOS / EOS
+
+        def pairs(split: str) -> list[tuple[list[int], list[int], str, str]]:
+            part = corpus[split]
+            ids = zip(tok.encode_batch(part.src), tok.encode_batch(part.tgt))
+            return [(a.ids, b.ids, s, t) for (a, b), s, t in zip(ids, part.src, part.tgt)
+                    if len(a.ids) <= limit and len(b.ids) <= limit]
+
+        train = pairs("train")
+        held = {}
+        for split in ("dev", "test"):
+            kept = pairs(split)
+            chosen = [kept[i] for i in _subset(len(kept), size.eval_examples)]
+            held[split] = Held([c[0] for c in chosen], [c[3] for c in chosen], [c[2] for c in chosen])
+        self.data = MTData(tok, tok.get_vocab_size(), [p[0] for p in train], [p[1] for p in train], held)
 
     def build(self, variant: str, backend: str | None):
         s = self.size
-        if self.name == "mt-gru":
+        if isinstance(s, GRUMTSize):
             return GRUSeq2Seq(self.data.vocab, s.emb, s.hidden, variant, backend)
-        return TransformerMT(self.data.vocab, s.hidden, s.heads, s.ffn, s.layers, variant, backend,
+        assert isinstance(s, TransformerMTSize)
+        return TransformerMT(self.data.vocab, s.d_model, s.heads, s.ffn, s.layers, variant, backend,
                              dropout=s.dropout)
 
     @staticmethod
@@ -137,28 +171,29 @@ class Translation:
         return F.cross_entropy(logits.flatten(0, 1), tgt_out.flatten(), ignore_index=PAD,
                                label_smoothing=self.size.label_smoothing)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, split: str = "test") -> dict:
         import sacrebleu
 
+        held = self.data.held[split]
         model.eval()
         hyps = []
         dev = _device(model)
         with torch.no_grad():
-            for i in range(0, len(self.data.test_src), 64):
-                src = self._pad(self.data.test_src[i:i + 64]).to(dev)
+            for i in range(0, len(held.src), 64):
+                src = self._pad(held.src[i:i + 64]).to(dev)
                 out = model.greedy(src, max_len=min(self.size.max_len + 8, int(src.shape[1] * 1.5) + 8))
                 for row in out.tolist():
                     row = row[: row.index(EOS)] if EOS in row else row
                     hyps.append(self.data.tok.decode([t for t in row if t > EOS]))
         model.train()
-        bleu = sacrebleu.corpus_bleu(hyps, [self.data.test_ref])
+        bleu = sacrebleu.corpus_bleu(hyps, [held.ref])
         return {"BLEU": round(bleu.score, 2), "examples": len(hyps), "sample": hyps[:2]}
 
     def trivial_baseline(self) -> dict:
         import sacrebleu
 
-        return {"copy-source BLEU": round(sacrebleu.corpus_bleu(self.data.test_src_text,
-                                                                [self.data.test_ref]).score, 2)}
+        held = self.data.held["test"]
+        return {"copy-source BLEU": round(sacrebleu.corpus_bleu(held.src_text, [held.ref]).score, 2)}
 
 
 # -------------------------------------------------------------------------------------------- retrieval
@@ -171,13 +206,14 @@ class Retrieval(Translation):
     metric = "R@1"
     margin = 0.2
 
-    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+    def __init__(self, name: str, size: RetrievalSize, which: str, work: Path) -> None:
         super().__init__(name, size, which, work)
-        self.test_tgt = [e.ids[: size.max_len] for e in self.data.tok.encode_batch(self.data.test_ref)]
+        self.size: RetrievalSize = size
+        self.held_tgt = {k: [e.ids for e in self.data.tok.encode_batch(h.ref)] for k, h in self.data.held.items()}
 
     def build(self, variant: str, backend: str | None):
         s = self.size
-        return GRURetrieval(self.data.vocab, s.emb, s.hidden, s.ffn, variant, backend)
+        return GRURetrieval(self.data.vocab, s.emb, s.hidden, s.dim, variant, backend)
 
     def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
         idx = _slice(len(self.data.train_src), self.size.batch, seed, step, rank, world)
@@ -193,13 +229,13 @@ class Retrieval(Translation):
         cost_a = (self.margin - pos[None, :] + scores).clamp_min(0) * off  # b's wrong translations
         return (cost_a.sum() + cost_b.sum()) / len(pos)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, split: str = "test") -> dict:
         model.eval()
         dev = _device(model)
         with torch.no_grad():
             emb = [torch.cat([model.embed(self._pad(seqs[i:i + 250], eos=True).to(dev), side).float().cpu()
                               for i in range(0, len(seqs), 250)])
-                   for side, seqs in ((0, self.data.test_src), (1, self.test_tgt))]
+                   for side, seqs in ((0, self.data.held[split].src), (1, self.held_tgt[split]))]
         model.train()
         scores = emb[0] @ emb[1].T
         out = {}
@@ -210,25 +246,36 @@ class Retrieval(Translation):
         return {**out, "median rank": int(rank.median().item()) + 1, "examples": len(rank)}  # En→Es
 
     def trivial_baseline(self) -> dict:
-        return {"chance R@1": round(100.0 / len(self.test_tgt), 2)}
+        return {"chance R@1": round(100.0 / len(self.held_tgt["test"]), 2)}
 
 
 # ----------------------------------------------------------------------------------------------- images
 
 class Images:
-    metric = "test error %"
+    """Fashion-MNIST with the ConvPool-CNN-C (``image``) or an MLP (``image-mlp``). The last 5,000 training
+    images are the dev split (never trained on); the test set is a random subset of ``eval_examples``."""
 
-    def __init__(self, name: str, size: TaskSize, which: str, work: Path) -> None:
+    metric = "test error %"
+    dev_size = 5000
+
+    def __init__(self, name: str, size: CNNSize | MLPSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
         f = D.load_fashion(which)
         mean, std = 0.2860, 0.3530  # Fashion-MNIST training-set statistics
         conv = lambda x: ((torch.from_numpy(x).float() / 255.0 - mean) / std)[:, None]
-        self.x_train, self.y_train = conv(f["x_train"]), torch.from_numpy(f["y_train"]).long()
-        n_test = min(size.eval_examples, len(f["y_test"]))
-        self.x_test, self.y_test = conv(f["x_test"][:n_test]), torch.from_numpy(f["y_test"][:n_test]).long()
+        x, y = conv(f["x_train"]), torch.from_numpy(f["y_train"]).long()
+        n_dev = min(self.dev_size, len(y) // 5)
+        self.x_train, self.y_train = x[: len(y) - n_dev], y[: len(y) - n_dev]
+        dev = _subset(n_dev, size.eval_examples)
+        test = _subset(len(f["y_test"]), size.eval_examples)
+        self.held = {"dev": (x[len(y) - n_dev:][dev], y[len(y) - n_dev:][dev]),
+                     "test": (conv(f["x_test"])[test], torch.from_numpy(f["y_test"]).long()[test])}
 
     def build(self, variant: str, backend: str | None):
-        return ConvPoolCNNC(self.size.hidden, self.size.ffn, variant, backend, dropout=self.size.dropout)
+        s = self.size
+        if isinstance(s, MLPSize):
+            return MLP(28 * 28, s.hidden, s.layers, 10, variant, backend, dropout=s.dropout)
+        return ConvPoolCNNC(s.c1, s.c2, variant, backend, dropout=s.dropout)
 
     def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
         idx = torch.from_numpy(_slice(len(self.y_train), self.size.batch, seed, step, rank, world))
@@ -241,27 +288,28 @@ class Images:
         x, y = batch
         return F.cross_entropy(model(x), y)
 
-    def evaluate(self, model) -> dict:
+    def evaluate(self, model, split: str = "test") -> dict:
+        xs, ys = self.held[split]
         model.eval()
         wrong = 0
         dev = _device(model)
         with torch.no_grad():
-            for i in range(0, len(self.y_test), 500):
-                pred = model(self.x_test[i:i + 500].to(dev)).argmax(-1).cpu()
-                wrong += (pred != self.y_test[i:i + 500]).sum().item()
+            for i in range(0, len(ys), 500):
+                pred = model(xs[i:i + 500].to(dev)).argmax(-1).cpu()
+                wrong += (pred != ys[i:i + 500]).sum().item()
         model.train()
-        return {"test error %": round(100.0 * wrong / len(self.y_test), 2), "examples": len(self.y_test)}
+        return {"test error %": round(100.0 * wrong / len(ys), 2), "examples": len(ys)}
 
     def trivial_baseline(self) -> dict:
         return {"chance error %": 90.0}
 
 
 TASK_CLASSES: dict[str, type] = {"mt-gru": Translation, "mt-transformer": Translation, "image": Images,
-                                 "retrieval": Retrieval}
+                                 "image-mlp": Images, "retrieval": Retrieval}
 assert tuple(TASK_CLASSES) == TASKS
 
 
-def make_task(name: str, size: TaskSize, which: str, work: Path) -> Task:
+def make_task(name: str, size: Schedule, which: str, work: Path) -> Task:
     """The task called ``name`` (one of TASKS); an unknown name is refused."""
     cls = TASK_CLASSES.get(name)
     if cls is None:
@@ -269,6 +317,22 @@ def make_task(name: str, size: TaskSize, which: str, work: Path) -> Task:
     return cls(name, size, which, work)
 
 
+def norm_shapes(name: str, size: Schedule) -> dict[str, tuple[int, int]]:
+    """(rows, N) of task ``name``'s norm calls in one training step, by label: the norm-level timing's shapes."""
+    if isinstance(size, TransformerMTSize):
+        return {f"{name}: tokens x d_model": (size.batch * size.max_len, size.d_model)}
+    if isinstance(size, (GRUMTSize, RetrievalSize)):  # the per-step norms of U h (four norms per GRU cell)
+        return {f"{name}: batch x 2H gates": (size.batch, 2 * size.hidden),
+                f"{name}: batch x H candidate": (size.batch, size.hidden)}
+    if isinstance(size, MLPSize):
+        return {f"{name}: batch x hidden": (size.batch, size.hidden)}
+    if isinstance(size, CNNSize):
+        return {f"{name}: maps x 28*28 positions": (size.batch * size.c1, 28 * 28),
+                f"{name}: maps x 14*14 positions": (size.batch * size.c2, 14 * 14)}
+    raise ValueError(f"no norm shapes for task {name!r}")
+
+
 def metric_of(name: str) -> str:
     """The headline quality metric of task ``name``."""
-    return TASK_CLASSES[name].metric
+    metric: str = TASK_CLASSES[name].metric
+    return metric
