@@ -113,7 +113,7 @@ PRESETS = {
         "mt-transformer": TransformerMTSize(steps=600, batch=48, lr=2e-3, d_model=128, ffn=512, heads=4, layers=2,
                                             vocab=4000, max_len=40, warmup=100, dropout=0.1, eval_examples=500,
                                             ckpt_every=50),
-        "image": CNNSize(steps=1000, batch=64, lr=2e-3, c1=16, c2=32, eval_examples=10000, ckpt_every=100),
+        "image": CNNSize(steps=1500, batch=64, lr=2e-3, c1=16, c2=32, decay=True, eval_examples=10000, ckpt_every=100),
         "image-mlp": MLPSize(steps=3000, batch=128, lr=2e-3, lrs=(1e-3, 2e-3, 4e-3), hidden=256, decay=True,
                              eval_examples=10000, log_every=25, ckpt_every=500),
         "retrieval": RetrievalSize(steps=400, batch=64, lr=2e-3, hidden=160, dim=128, emb=96, vocab=4000, max_len=40,
