@@ -346,12 +346,12 @@ def main() -> int:
             for r in [meta, *results]:
                 fh.write(json.dumps(r) + "\n")
         text = report.markdown(meta, results)
-        bars = gpu_bars(results)
+        targets = gpu_bars(results)
         (args.out / "report.md").write_text(text + "\n### GPU targets (docs/benchmarks/gpu.md), bf16\n\n" + "\n".join(
-            f"- {b}" for b in bars) + "\n")
+            f"- {b}" for b in targets) + "\n")
         report.plot(results, args.out / "gbps.png", title=f"{card}, torch {torch.__version__}")
         print(summary(results), flush=True)
-        print("\n".join(bars), flush=True)
+        print("\n".join(targets), flush=True)
     if kernel_lines:
         print("kernels alone (no autograd):\n" + "\n".join(kernel_lines), flush=True)
     if block_lines:

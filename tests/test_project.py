@@ -59,8 +59,15 @@ def test_public_api_types_check(tmp_path):
     assert status == 1 and out.count("error:") == 1 and ":9:" in out, out
 
 
+def test_the_package_type_checks():
+    """mypy over src/rmsnorm (configured in pyproject.toml) finds nothing."""
+    mypy = pytest.importorskip("mypy.api")
+    out, err, status = mypy.run(["--config-file", str(ROOT / "pyproject.toml"), str(ROOT / "src" / "rmsnorm")])
+    assert status == 0, out + err
+
+
 def test_user_facing_text_speaks_of_the_project_only():
-    """No mention of issues, bars or ../shared files in code, CLI text or reports."""
+    """No mention of issues, targets or ../shared files in code, CLI text or reports."""
     bad = re.compile(r"\.\./shared|anchors\.md|\bissue'?s?\b|\bBars?\b")
     hits = []
     for path in list((ROOT / "src").rglob("*.py")) + list((ROOT / "benchmarks").rglob("*.py")):

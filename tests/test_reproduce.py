@@ -119,12 +119,12 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     real = runner.train_run
     calls = {"n": 0}
 
-    def interrupting(task, variant, seed, lr, run_dir, device, backend, dd, on_step=None, dev_split=False):
+    def interrupting(task, variant, seed, lr, run_dir, device, backend, dd, on_step=None, **kw):
         def hook(step, loss):
             calls["n"] = step
             if step == 4:
                 raise KeyboardInterrupt
-        return real(task, variant, seed, lr, run_dir, device, backend, dd, on_step=hook, dev_split=dev_split)
+        return real(task, variant, seed, lr, run_dir, device, backend, dd, on_step=hook, **kw)
 
     monkeypatch.setattr(runner, "train_run", interrupting)
     assert reproduce_main(_args(part, tasks="image", variants="rmsnorm")) == 130

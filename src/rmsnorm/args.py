@@ -100,7 +100,7 @@ def check_options(eps: float | None, eps_mode: str, p: float, partial_rounding: 
         raise ValueError(f"cast must be one of {CASTS}, got {cast!r}")
 
 
-def _check_param(name: str, t: object, normalized_shape, xdev) -> torch.Size:
+def _check_param(name: str, t: torch.Tensor, normalized_shape, xdev) -> torch.Size:
     _check_float_tensor(name, t)
     shape = t.shape
     if normalized_shape is not None and shape != normalized_shape:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -64,7 +64,7 @@ class RMSNorm(nn.Module):
         if out_dtype is not None and out_dtype not in _args.FLOAT_DTYPES:
             raise TypeError(f"out_dtype must be a floating dtype, got {out_dtype}")
         self.out_dtype = out_dtype
-        factory = {"device": device, "dtype": dtype}
+        factory: dict = {"device": device, "dtype": dtype}
         if elementwise_affine:
             self.weight = nn.Parameter(torch.empty(self.normalized_shape, **factory))
             self.bias = nn.Parameter(torch.empty(self.normalized_shape, **factory)) if bias else None
@@ -131,7 +131,7 @@ class RMSNorm(nn.Module):
     _OPTIONS = frozenset({"eps", "p", "eps_mode", "partial_rounding", "offset", "cast", "out_dtype",
                           "normalized_shape", "weight", "bias", "backend"})
 
-    def __setattr__(self, name: str, value: object) -> None:
+    def __setattr__(self, name: str, value: Any) -> None:
         if name in RMSNorm._OPTIONS:
             self.__dict__.pop("_resolved", None)  # the fast path's checked arguments depend on it
         super().__setattr__(name, value)
@@ -173,8 +173,8 @@ class RMSNorm(nn.Module):
                   eps_mode=eps_mode, partial_rounding=partial_rounding, cast=cast, offset=offset,
                   device=ref.device if ref is not None else None, dtype=ref.dtype if ref is not None else None)
         with torch.no_grad():
-            if affine:
+            if affine and out.weight is not None:
                 out.weight.copy_(ln.weight)
-            if has_bias:
+            if has_bias and out.bias is not None:
                 out.bias.copy_(ln.bias)
         return out

@@ -58,8 +58,12 @@ def nd_backward(row_backward: Callable) -> Callable:
         dh2 = as_rows(dh, n) if dh is not None else None
         dx, dw, db = row_backward(as_rows(dy, n), dh2, as_rows(h, n), _flat(weight, n), rstd.reshape(-1), spec,
                                   need_dw, need_db)
-        dw = dw.to(weight.dtype).view(weight.shape) if need_dw else None
-        db = db.to(bias.dtype).view(bias.shape) if need_db else None
+        if need_dw:
+            assert weight is not None and dw is not None
+            dw = dw.to(weight.dtype).view(weight.shape)
+        if need_db:
+            assert bias is not None and db is not None
+            db = db.to(bias.dtype).view(bias.shape)
         return dx.view(h.shape), dw, db
 
     return backward

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..cli_args import choices_list, device, output_dir, positive_float, positive_int, writable_dir
 from ..host import allocator, command_line, rerun_under_tcmalloc
 from .providers import DEFAULT_PROVIDERS, registry
-from .sweep import BAR_SHAPES, DTYPES, LATENCY_SHAPES, SweepConfig, parse_shapes, run_sweep
+from .sweep import DTYPES, LATENCY_SHAPES, TARGET_SHAPES, SweepConfig, parse_shapes, run_sweep
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
@@ -75,7 +75,7 @@ def main(args: argparse.Namespace) -> int:
         print((out / "latency.md").read_text(), flush=True)
         return 0
     providers = _listed(args.providers, registry(), "provider")
-    cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + BAR_SHAPES, dtypes=dtypes, modes=modes,
+    cfg = SweepConfig(shapes=args.shapes or LATENCY_SHAPES + TARGET_SHAPES, dtypes=dtypes, modes=modes,
                       providers=providers, device=device, samples=args.samples, budget_s=args.budget)
     command = command_line("bench")
     t0 = time.time()
@@ -86,9 +86,9 @@ def main(args: argparse.Namespace) -> int:
     report.write_csv(results, out / "results.csv")
     text = report.markdown(meta, results)
     if device == "cpu":
-        bars = report.cpu_bars(results)
-        if bars:
-            text += "\n### CPU targets (docs/benchmarks/cpu.md)\n\n" + report.bars_markdown(bars)
+        targets = report.cpu_targets(results)
+        if targets:
+            text += "\n### CPU targets (docs/benchmarks/cpu.md)\n\n" + report.targets_markdown(targets)
     (out / "report.md").write_text(text)
     if not args.no_plot:
         report.plot(results, out / "gbps.png", title=f"{meta['machine']}, {meta['threads']} threads, "

@@ -35,12 +35,12 @@ class Case:
 class Provider:
     name: str
     family: str  # "ours", "torch", "third-party", "roofline"
-    build: Callable[[Case], Callable]  # case -> fwd(x, w) (weights created by the caller)
+    build: Callable[[Case], Callable | None]  # case -> fwd(x, w) (weights created by the caller); None: roofline
     available: Callable[[str], str | None]  # device -> None, or why not
     uses_bias: bool = False  # LayerNorm's affine bias (timed with it, as nn.LayerNorm runs)
 
 
-def _ours(backend: str, p: float = 1.0) -> Callable[[Case], Callable]:
+def _ours(backend: str | None, p: float = 1.0) -> Callable[[Case], Callable]:
     import rmsnorm
 
     def build(case: Case):

@@ -97,9 +97,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
-def cpu_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
+def cpu_targets(rows: list[dict]) -> list[tuple[str, bool, str]]:
     """The CPU targets of docs/benchmarks/cpu.md, checked from the rows: (target, met, evidence)."""
-    from .sweep import BAR_SHAPES as bar_shapes
+    from .sweep import TARGET_SHAPES as target_shapes
 
     rows = [r for r in rows if r.get("type") == "result"]
     idx = _index(rows)
@@ -107,7 +107,7 @@ def cpu_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
 
     def collect(a, b, modes, dtypes):
         vals = []
-        for (m, n) in bar_shapes:
+        for (m, n) in target_shapes:
             for dt in dtypes:
                 for mode in modes:
                     r = _ratio(idx, a, b, (m, n, dt, mode))
@@ -135,7 +135,7 @@ def cpu_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
                     f"worst ratio {worst[1]:.2f} ({worst[0]})"))
     for mode, limit in (("fwd", 85.0), ("fwd+bwd", 75.0)):
         pcts = [(f"{r['m']}×{r['n']} {r['dtype']}", r["pct_roofline"]) for r in rows
-                if r["provider"] == OURS and r["mode"] == mode and (r["m"], r["n"]) in bar_shapes
+                if r["provider"] == OURS and r["mode"] == mode and (r["m"], r["n"]) in target_shapes
                 and r["m"] * r["n"] * (4 if r["dtype"] == "float32" else 2) >= 32 << 20]
         if pcts:
             worst = min(pcts, key=lambda v: v[1])
@@ -153,9 +153,9 @@ def cpu_bars(rows: list[dict]) -> list[tuple[str, bool, str]]:
     return out
 
 
-def bars_markdown(bars: list[tuple[str, bool, str]]) -> str:
+def targets_markdown(targets: list[tuple[str, bool, str]]) -> str:
     lines = ["| target | met | measured |", "|---|---|---|"]
-    lines += [f"| {b} | {'yes' if ok else '**no**'} | {ev} |" for b, ok, ev in bars]
+    lines += [f"| {b} | {'yes' if ok else '**no**'} | {ev} |" for b, ok, ev in targets]
     return "\n".join(lines) + "\n"
 
 

@@ -9,6 +9,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -18,7 +19,7 @@ from .timing import measure_group
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATENCY_SHAPES = [(64, 512), (1, 4096)]
-BAR_SHAPES = [(4096, 1024), (8192, 4096), (2048, 8192), (16384, 128), (512, 32768)]
+TARGET_SHAPES = [(4096, 1024), (8192, 4096), (2048, 8192), (16384, 128), (512, 32768)]
 
 
 @dataclass
@@ -65,7 +66,7 @@ def metadata(cfg: SweepConfig, command: str) -> dict:
 
 def _inputs(m: int, n: int, dtype: torch.dtype, device: str):
     g = torch.Generator(device=device).manual_seed(m * 7919 + n)
-    kw = {"generator": g, "device": device, "dtype": dtype}
+    kw: dict[str, Any] = {"generator": g, "device": device, "dtype": dtype}
     x = torch.randn(m, n, **kw)
     w = 1 + 0.1 * torch.randn(n, **kw)
     b = 0.1 * torch.randn(n, **kw)
@@ -78,6 +79,7 @@ def _callable(prov: Provider, case: Case, x, w, b, dy):
     if prov.family == "roofline":
         return (lambda: x.clone()), None
     fwd = prov.build(case)
+    assert fwd is not None  # only the roofline builds nothing
     args = (x, w, b) if prov.uses_bias else (x, w)
     t0 = time.perf_counter()
     if case.mode == "fwd":

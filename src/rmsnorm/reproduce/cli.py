@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
     p.add_argument("--out", type=writable_dir, default=None,
                    help="output directory (default runs/reproduce-<preset>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress targets")
     p.add_argument("--allocator", choices=["auto", "current", "tcmalloc"], default="auto",
                    help="auto (default): re-run under tcmalloc when it is installed and this is not a torchrun "
                         "job, so no variant's timing pays glibc's page faults; the report says which was used")
@@ -97,8 +97,9 @@ def _main(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     variants = [v for v in variants if v in VARIANTS]  # the timing-only variants are added by the timing phase
-    if any(t.startswith("mt") for t in tasks) and not _importable("sacrebleu"):
-        raise UsageError("the translation tasks need sacrebleu: install the experiments extra "
+    if not _importable("numpy") or (any(t.startswith("mt") or t == "retrieval" for t in tasks)
+                                    and not (_importable("sacrebleu") and _importable("tokenizers"))):
+        raise UsageError("the experiments need numpy, sacrebleu and tokenizers: install the experiments extra "
                          "(pip install 'rmsnorm[experiments]')")
     out = args.out or Path("runs") / f"reproduce-{preset.name}"
     if not args.dry_run:
@@ -148,7 +149,8 @@ def _main(args: argparse.Namespace) -> int:
         if dd.main and not (out / "timing" / "norms.json").exists():
             bar.set_description("norm-level timing")
             shapes = _norm_shapes(preset, out)
-            res = time_norms(shapes, preset.norm_timing_s, args.device, args.backend)
+            dtype = getattr(torch, preset.autocast) if preset.autocast and args.device != "cpu" else torch.float32
+            res = time_norms(shapes, preset.norm_timing_s, args.device, args.backend, dtype=dtype)
             atomic_json(out / "timing" / "norms.json", res)
             report.write_report(out, meta)
         for t in tasks:
@@ -163,7 +165,7 @@ def _main(args: argparse.Namespace) -> int:
                     bar.set_description(f"{t} {v} lr{lr:g} seed{s}")
                 res = train_run(task, v, s, lr, run_dir(out, t, v, s, lr), args.device, args.backend, dd,
                                 on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
-                                dev_split=dev_split)
+                                dev_split=dev_split, amp=preset.autocast)
                 if dd.main and not done:
                     dev = f" (dev {res['dev'][task.metric]})" if "dev" in res else ""
                     bar.write(f"{t} {v} lr{lr:g} seed{s}: {task.metric} {res.get(task.metric)}{dev} in "
@@ -191,7 +193,7 @@ def _main(args: argparse.Namespace) -> int:
                                                   ("rmsnorm-ops", "layernorm-ops"), ("prmsnorm-ops", "rmsnorm-ops"))
                               if a in timed and b in timed)
                 time_variants(task, timed, args.device, args.backend, preset.timing_rounds, preset.timing_steps,
-                              out / "timing" / f"{t}.json", preset.timing_budget_s, pairs)
+                              out / "timing" / f"{t}.json", preset.timing_budget_s, pairs, amp=preset.autocast)
                 if "layernorm" in variants:
                     norm_share(task, args.device, args.backend, out / "timing" / f"{t}-share.json")
                 report.write_report(out, meta)

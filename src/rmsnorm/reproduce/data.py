@@ -21,10 +21,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .atomic import atomic_file, atomic_text
+
+if TYPE_CHECKING:
+    import numpy as np  # the experiments extra; imported where it is used
 
 APT = "sudo apt-get install sword-text-web sword-text-sparv diatheke dataset-fashion-mnist"
 SAMPLE_DIR = Path(__file__).with_name("data")
@@ -119,6 +121,8 @@ def load_bible(which: str = "full") -> dict[str, Parallel]:
 # --------------------------------------------------------------------------------------------- fashion
 
 def _read_idx(path: Path) -> np.ndarray:
+    import numpy as np
+
     with gzip.open(path, "rb") as fh:
         data = fh.read()
     ndim = data[3]
@@ -138,14 +142,18 @@ def prepare_fashion(out: Path) -> Path:
     path = out / FILES["fashion"]
 
     def write(tmp: Path) -> None:
+        import numpy as np
+
         with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            np.savez_compressed(fh, **arrays)  # type: ignore[arg-type]  # numpy's stub types **kwds as bool
 
     atomic_file(path, write)
     return path
 
 
 def load_fashion(which: str = "full") -> dict[str, np.ndarray]:
+    import numpy as np
+
     with np.load(_path("fashion", which)) as z:
         return {k: z[k] for k in z.files}
 

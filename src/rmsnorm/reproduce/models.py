@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +60,7 @@ def run_gru(cell: NormGRUCell, x: torch.Tensor, mask: torch.Tensor, reverse: boo
     gates = cell.input_gates(x)
     b, s = mask.shape
     h = x.new_zeros(b, cell.hidden)
-    states = [None] * s
+    states: list[Any] = [None] * s
     for t in (reversed(range(s)) if reverse else range(s)):
         h = torch.where(mask[:, t, None], cell.step((gates[0][:, t], gates[1][:, t]), h), h)
         states[t] = h
@@ -207,11 +208,11 @@ class ConvPoolCNNC(nn.Module):
     def __init__(self, c1: int, c2: int, variant: str, backend: str | None = None, classes: int = 10,
                  in_ch: int = 1, dropout: float = 0.3) -> None:
         super().__init__()
-        spec = [(in_ch, c1, 3), (c1, c1, 3), (c1, c1, 3), "pool", (c1, c2, 3), (c2, c2, 3), (c2, c2, 3), "pool",
-                (c2, c2, 3), (c2, c2, 1)]
+        spec: list[tuple[int, int, int] | str] = [(in_ch, c1, 3), (c1, c1, 3), (c1, c1, 3), "pool", (c1, c2, 3),
+                                                  (c2, c2, 3), (c2, c2, 3), "pool", (c2, c2, 3), (c2, c2, 1)]
         layers: list[nn.Module] = []
         for s in spec:
-            if s == "pool":
+            if isinstance(s, str):
                 layers += [nn.MaxPool2d(3, 2, padding=1), nn.Dropout(dropout)]
             else:
                 cin, cout, k = s
@@ -257,7 +258,9 @@ class GRURetrieval(nn.Module):
         self.proj = nn.ModuleList(nn.Linear(hidden, dim) for _ in range(2))
 
     def embed(self, tok: torch.Tensor, side: int) -> torch.Tensor:
-        _, h = run_gru(self.gru[side], self.emb[side](tok), tok != PAD)
+        cell = self.gru[side]
+        assert isinstance(cell, NormGRUCell)
+        _, h = run_gru(cell, self.emb[side](tok), tok != PAD)
         return F.normalize(self.proj[side](h), dim=-1)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -62,6 +62,7 @@ class Norm(nn.Module):
         super().__init__()
         self.variant, self.backend = variant, backend
         self.k = partial_size(dim, PARTIAL_P)  # for prmsnorm-ops
+        self.inner: nn.Module | None
         if variant == "baseline":
             self.inner = None
         elif variant in TIMING_VARIANTS:
@@ -88,7 +89,7 @@ class Norm(nn.Module):
                                        residual=residual, backend=self.backend)
             else:
                 out = self.inner(x, residual=residual)
-            return out if residual is None else out[0]
+            return out[0] if isinstance(out, tuple) else out
         h = x if residual is None else x + residual
         out = self.inner(h)
         return out + self.bias if self.variant == "torch-rmsnorm" and self.bias is not None else out

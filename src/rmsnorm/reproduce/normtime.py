@@ -58,26 +58,27 @@ def implementation(setting: str, norm: str, n: int, backend: str | None = None) 
 
 
 def time_norms(shapes: dict[str, tuple[int, int]], budget_s: float, device: str = "cpu", backend: str | None = None,
-               min_rounds: int = 8, sample_s: float = 0.01, target: float = 0.01) -> dict:
+               min_rounds: int = 8, sample_s: float = 0.01, target: float = 0.01,
+               dtype: torch.dtype = torch.float32) -> dict:
     """Seconds per forward + backward call of every (shape, setting, norm), round by round; see the module
-    docstring. ``shapes``: label -> (rows, N)."""
+    docstring. ``shapes``: label -> (rows, N); every tensor in ``dtype``."""
     g = torch.Generator().manual_seed(0)
     cases: dict[tuple[str, str, str], Callable[[], None]] = {}
     for label, (m, n) in shapes.items():
-        x = torch.randn(m, n, generator=g).to(device).requires_grad_(True)
-        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device).requires_grad_(True)
-        b = (0.1 * torch.randn(n, generator=g)).to(device).requires_grad_(True)
-        dy = torch.randn(m, n, generator=g).to(device)
+        x = torch.randn(m, n, generator=g).to(device, dtype).requires_grad_(True)
+        w = (1 + 0.1 * torch.randn(n, generator=g)).to(device, dtype).requires_grad_(True)
+        b = (0.1 * torch.randn(n, generator=g)).to(device, dtype).requires_grad_(True)
+        dy = torch.randn(m, n, generator=g).to(device, dtype)
         for setting in SETTINGS:
             for norm in NORMS:
                 f = implementation(setting, norm, n, backend)
 
-                def call(f=f, x=x, w=w, b=b, dy=dy) -> None:
+                def step(f=f, x=x, w=w, b=b, dy=dy) -> None:
                     x.grad = w.grad = b.grad = None
                     f(x, w, b).backward(dy)
 
-                cases[(label, setting, norm)] = call
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+                cases[(label, setting, norm)] = step
+    sync: Callable[[], None] = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     reps: dict[tuple, int] = {}
     for key, call in cases.items():  # warm-up and calibration: ~sample_s per sample
         call()
@@ -107,7 +108,8 @@ def time_norms(shapes: dict[str, tuple[int, int]], budget_s: float, device: str 
             break
     return {"shapes": {k: list(v) for k, v in shapes.items()}, "rounds": rounds, "reps": {_name(k): v for k, v in
             reps.items()}, "seconds": {_name(k): v for k, v in samples.items()}, "device": device,
-            "threads": torch.get_num_threads(), "backend": backend, "target_halfwidth": target}
+            "threads": torch.get_num_threads(), "backend": backend, "target_halfwidth": target,
+            "dtype": str(dtype).removeprefix("torch.")}
 
 
 def _name(key: tuple) -> str:

@@ -3,8 +3,10 @@ reproduction mirrors."""
 
 from __future__ import annotations
 
+from typing import Any
+
 # variant -> (quality, time, % saved vs LayerNorm); time units as in the paper
-PAPER = {
+PAPER: dict[str, dict[str, Any]] = {
     "mt-gru": {
         "title": "RNNSearch (GRU), WMT14 En-De, PyTorch; BLEU newstest2014, s per 1k steps",
         "metric": "BLEU", "time_unit": "s/1k steps",

@@ -38,6 +38,7 @@ def collect(out: Path) -> dict:
     """The raw data of a run directory (see the module docstring)."""
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/lr*/seed*/result.json"))]
     for r in runs:
+        r["loss_change_last_fifth_pct"] = _flatness(r.get("curve") or [])
         r.pop("curve", None), r.pop("size", None), r.pop("sample", None)
     lr = {p.stem: json.loads(p.read_text()) for p in sorted((out / "lr").glob("*.json"))}
     timing = {p.stem: json.loads(p.read_text()) for p in sorted((out / "timing").glob("*.json"))
@@ -46,6 +47,18 @@ def collect(out: Path) -> dict:
               for p in sorted((out / "timing").glob("*-share.json"))}
     return {"runs": runs, "lr": lr, "step_timing": timing, "norm_timing": _json(out / "timing" / "norms.json"),
             "norm_share": shares}
+
+
+def _flatness(curve: list) -> float | None:
+    """Relative change (%) of the training loss over the last fifth of the steps: mean loss of the last tenth
+    against the tenth before the last fifth (near 0: the loss is flat at the end)."""
+    n = len(curve)
+    if n < 10:
+        return None
+    tenth = max(1, n // 10)
+    end = statistics.fmean(c[2] for c in curve[-tenth:])
+    before = statistics.fmean(c[2] for c in curve[-2 * tenth - tenth:-2 * tenth])
+    return 100 * (end - before) / before if before else None
 
 
 def _final(raw: dict, task: str, variant: str) -> dict[int, float]:
@@ -104,7 +117,8 @@ def analyse(raw: dict) -> dict:
         mine = [c for c in comps if c["claim"] == claim]
         by_kind: dict[str, list[str]] = {}
         for c in mine:
-            by_kind.setdefault(c["kind"], []).append(c["verdict"])
+            label = c["kind"] + (f" ({c['setting']})" if c.get("setting") else "")
+            by_kind.setdefault(label, []).append(c["verdict"])
         if claim == "C3":  # quality and time of the same task combine; norm-level time stands alone
             for c in mine:
                 if c["kind"] == "quality":
@@ -129,10 +143,14 @@ def _rows(raw: dict) -> list[dict]:
             t = timing.get(v)
             if not vals and not t:
                 continue
+            chosen = raw["lr"].get(task, {}).get(v)
+            flat = [r["loss_change_last_fifth_pct"] for r in raw["runs"] if r["task"] == task and r["variant"] == v
+                    and r["lr"] == chosen and r.get("loss_change_last_fifth_pct") is not None]
             rows.append({"task": task, "variant": v, "metric": metric_of(task) if vals else None,
-                         "lr": raw["lr"].get(task, {}).get(v), "seeds": len(vals),
+                         "lr": chosen, "seeds": len(vals),
                          "quality_mean": statistics.fmean(vals) if vals else None,
                          "quality_std": statistics.stdev(vals) if len(vals) > 1 else None,
+                         "loss_change_last_fifth_pct": statistics.fmean(flat) if flat else None,
                          "ms_per_step_median": 1000 * statistics.median(t) if t else None})
     return rows
 
@@ -231,15 +249,21 @@ def _task_sections(out: Path, raw: dict) -> list[str]:
             continue
         paper = PAPER.get(task, {})
         lines += [f"## {TASK_TITLES.get(task, task)}", "",
-                  f"| variant | lr | seeds | {metric_of(task)} mean ± std | ms / step (median) | "
-                  f"paper: {paper.get('metric', '–')} | paper: {paper.get('time_unit', 'time')} |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"| variant | lr | seeds | {metric_of(task)} mean ± std | loss change, last fifth | "
+                  f"ms / step (median) | paper: {paper.get('metric', '–')} | paper: {paper.get('time_unit', 'time')} |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in mine:
             pr = paper.get("rows", {}).get(r["variant"])
             std = f" ± {r['quality_std']:.2f}" if r["quality_std"] is not None else ""
             ms = f"{r['ms_per_step_median']:.1f}" if r["ms_per_step_median"] else "–"
+            flat = r["loss_change_last_fifth_pct"]
+            flat_s = f"{flat:+.1f}%" if flat is not None else "–"
             lines.append(f"| {r['variant']} | {r['lr'] if r['lr'] is not None else '–'} | {r['seeds']} | "
-                         f"{r['quality_mean']:.2f}{std} | {ms} | {pr[0] if pr else '–'} | {pr[1] if pr else '–'} |")
+                         f"{r['quality_mean']:.2f}{std} | {flat_s} | {ms} | {pr[0] if pr else '–'} | "
+                         f"{pr[1] if pr else '–'} |")
+        lines += ["", "Loss change over the last fifth of training: the mean training loss of the last tenth of "
+                  "the steps against the tenth before the last fifth, mean over seeds (near 0: flat, converged; "
+                  "clearly negative: still improving when training stopped)."]
         grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
         if grid:
             metric = metric_of(task)
@@ -285,7 +309,10 @@ def figures(out: Path, raw_runs: list[dict]) -> None:
         axes[0].legend()
         fig.suptitle(TASK_TITLES.get(task, task), fontsize=10)
         fig.tight_layout()
-        atomic_file(out / "figures" / f"{task}.png", lambda tmp, fig=fig: fig.savefig(tmp, dpi=100, format="png"))
+        def save(tmp: Path, fig=fig) -> None:
+            fig.savefig(tmp, dpi=100, format="png")
+
+        atomic_file(out / "figures" / f"{task}.png", save)
         plt.close(fig)
 
 

@@ -11,6 +11,7 @@ Layout under the output directory (identical with and without torchrun; only ran
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -77,12 +78,20 @@ def lr_at(size: Schedule, lr: float, step: int) -> float:
     return lr
 
 
+def autocast(device: str, dtype: str | None):
+    """torch.autocast on CUDA with ``dtype`` ("bfloat16"), else a no-op context."""
+    if dtype is None or not device.startswith("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=getattr(torch, dtype))
+
+
 def _to(batch, device: str):
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
 def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: str, backend: str | None, dd: Dist,
-              on_step: Callable[[int, float], object] | None = None, dev_split: bool = False) -> dict:
+              on_step: Callable[[int, float], object] | None = None, dev_split: bool = False,
+              amp: str | None = None) -> dict:
     """Train one (task, variant, seed) at ``lr`` to task.size.steps, resuming from its checkpoint; return its
     result (test metrics, and with ``dev_split`` the dev split's under "dev")."""
     result_path = run_dir / "result.json"
@@ -114,7 +123,8 @@ def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: s
             for g in opt.param_groups:
                 g["lr"] = lr_at(size, lr, step)
             t0 = time.perf_counter()
-            loss = task.loss(wrapped, batch)
+            with autocast(device, amp):
+                loss = task.loss(wrapped, batch)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -148,7 +158,8 @@ def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: s
 
 
 def time_variants(task, variants: list[str], device: str, backend: str | None, rounds: int, steps: int,
-                  path: Path, budget_s: float = 0.0, pairs: tuple[tuple[str, str], ...] = ()) -> dict:
+                  path: Path, budget_s: float = 0.0, pairs: tuple[tuple[str, str], ...] = (),
+                  amp: str | None = None) -> dict:
     """Seconds per training step of every variant, timed round-robin: each round runs ``steps`` steps of
     each variant (order rotated), so slow drifts of the machine hit all variants alike. Evaluation and
     data loading are excluded (batches are prepared before timing). After ``rounds`` rounds, more rounds
@@ -163,7 +174,8 @@ def time_variants(task, variants: list[str], device: str, backend: str | None, r
     def run(v: str) -> float:
         t0 = time.perf_counter()
         for b in batches:
-            loss = task.loss(models[v], b)
+            with autocast(device, amp):
+                loss = task.loss(models[v], b)
             opts[v].zero_grad(set_to_none=True)
             loss.backward()
             opts[v].step()

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -14,6 +13,9 @@ from . import data as D
 from .atomic import atomic_file
 from .models import BOS, EOS, MLP, PAD, ConvPoolCNNC, GRURetrieval, GRUSeq2Seq, TransformerMT
 from .presets import CNNSize, GRUMTSize, MLPSize, MTSize, RetrievalSize, Schedule, TransformerMTSize
+
+if TYPE_CHECKING:
+    import numpy as np  # the experiments extra; imported where it is used
 
 
 class Task(Protocol):
@@ -55,6 +57,8 @@ def check_tasks(names: list[str]) -> list[str]:
 
 
 def _epoch_index(n: int, seed: int, epoch: int) -> np.ndarray:
+    import numpy as np
+
     return np.random.default_rng([seed, epoch]).permutation(n)
 
 
@@ -107,6 +111,8 @@ def _subset(n: int, k: int) -> list[int]:
     """A random subset of k of n examples (fixed seed), in index order: not the first k in canonical order."""
     if k >= n:
         return list(range(n))
+    import numpy as np
+
     return sorted(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False).tolist())
 
 
@@ -280,6 +286,8 @@ class Images:
     def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
         idx = torch.from_numpy(_slice(len(self.y_train), self.size.batch, seed, step, rank, world))
         x = self.x_train[idx]
+        import numpy as np
+
         flip = torch.from_numpy(np.random.default_rng([seed, step, rank]).random(len(idx)) < 0.5)
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)  # horizontal flips (augmentation)
         return x, self.y_train[idx]
@@ -304,7 +312,7 @@ class Images:
         return {"chance error %": 90.0}
 
 
-TASK_CLASSES: dict[str, type] = {"mt-gru": Translation, "mt-transformer": Translation, "image": Images,
+TASK_CLASSES: dict[str, Any] = {"mt-gru": Translation, "mt-transformer": Translation, "image": Images,
                                  "image-mlp": Images, "retrieval": Retrieval}
 assert tuple(TASK_CLASSES) == TASKS
 

@@ -177,10 +177,14 @@ def _shape(weight: torch.Tensor) -> tuple[int, ...]:
 def replacement(module: nn.Module, family: str) -> nn.Module:
     """An RMSNorm reproducing ``module`` (of a known family) and sharing its parameters."""
     weight = getattr(module, "weight", None)
+    new: nn.Module
     if family == "torch":
+        assert isinstance(module, nn.RMSNorm)
         new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
     elif family == "l2norm":
-        new = LastDimRMSNorm(module_eps(module))
+        eps_l2 = module_eps(module)
+        assert eps_l2 is not None  # the default is a float
+        new = LastDimRMSNorm(eps_l2)
     else:
         if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
             raise ValueError(f"{type(module).__name__} has no weight parameter")
@@ -189,16 +193,21 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
             raise ValueError(f"{type(module).__name__}'s weight is empty {shape} and records no full shape")
         eps = module_eps(module)
         if family in FAMILY_NUMERICS:
+            assert shape is not None
             cast, offset = FAMILY_NUMERICS[family]
             new = RMSNorm(shape, eps, cast=cast, offset=offset)
         elif family == "gemma4":
             with_scale = bool(getattr(module, "with_scale", weight is not None))
-            dim = shape or (getattr(module, "dim", None),)
-            new = RMSNorm(dim, eps, elementwise_affine=with_scale)
+            if shape is None:
+                dim = getattr(module, "dim", None)
+                if not isinstance(dim, int):
+                    raise ValueError(f"{type(module).__name__} has neither a weight nor an int dim")
+                shape = (dim,)
+            new = RMSNorm(shape, eps, elementwise_affine=with_scale)
         else:
             raise ValueError(f"unknown family {family!r}")
     if getattr(new, "weight", None) is not None:
-        new.weight = weight
+        new.weight = weight  # type: ignore[assignment]  # a Parameter (checked above), shared
     new.train(module.training)
     return new
 
@@ -217,7 +226,7 @@ def accelerate(model: nn.Module) -> SurgeryReport:
     for name, module in list(model.named_modules()):
         if isinstance(module, (RMSNorm, LastDimRMSNorm)):
             continue
-        family = family_of(type(module))
+        family = family_of(type(module))  # type: ignore[arg-type]  # a class is hashable
         if family is None:
             if re.search(r"RMSNorm|T5LayerNorm|L2Norm", type(module).__name__):
                 report.skipped.append((name, f"{type(module).__name__}: forward is not a known RMSNorm family"))

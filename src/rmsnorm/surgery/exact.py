@@ -133,32 +133,54 @@ def find_layout(model: nn.Module) -> tuple[Layout, nn.Module, str]:
         f"into the residual stream can be centered; use convert(model) (not exact) and fine-tune instead")
 
 
+def _layernorm(m: nn.Module) -> nn.LayerNorm:
+    if not isinstance(m, nn.LayerNorm):
+        raise ExactConversionError(f"expected a LayerNorm, found {type(m).__name__}")
+    return m
+
+
 def _center_rows_(tx: Transaction, weight: torch.Tensor) -> None:
     """Embedding rows (vocab, d): subtract each row's mean over d."""
     w = weight.double()
     tx.write(weight, w - w.mean(dim=-1, keepdim=True))
 
 
+def _tensor(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """A parameter of ``layer`` (None when absent), typed as a tensor."""
+    t = getattr(layer, name, None)
+    if t is not None and not isinstance(t, torch.Tensor):
+        raise ExactConversionError(f"{type(layer).__name__}.{name} is not a tensor")
+    return t
+
+
+def _weight(layer: nn.Module) -> torch.Tensor:
+    w = _tensor(layer, "weight")
+    if w is None:
+        raise ExactConversionError(f"{type(layer).__name__} has no weight")
+    return w
+
+
 def _in_out(layer: nn.Module) -> torch.Tensor:
     """The layer's weight as (in, out): GPT-2's Conv1D stores it so, nn.Linear as (out, in)."""
     if isinstance(layer, nn.Linear):
         return layer.weight.detach().double().t()
-    if type(layer).__name__ == "Conv1D" and layer.weight.dim() == 2:
-        return layer.weight.detach().double()
+    if type(layer).__name__ == "Conv1D" and _weight(layer).dim() == 2:
+        return _weight(layer).detach().double()
     raise ExactConversionError(f"{type(layer).__name__} is neither nn.Linear nor GPT-2's Conv1D")
 
 
 def _set_in_out(tx: Transaction, layer: nn.Module, w_in_out: torch.Tensor) -> None:
-    tx.write(layer.weight, w_in_out.t() if isinstance(layer, nn.Linear) else w_in_out)
+    tx.write(_weight(layer), w_in_out.t() if isinstance(layer, nn.Linear) else w_in_out)
 
 
 def _center_output_(tx: Transaction, layer: nn.Module) -> None:
     """A layer writing into the residual stream (y = x @ W + b, W as (in, out)): zero mean over out."""
     w = _in_out(layer)
     _set_in_out(tx, layer, w - w.mean(dim=1, keepdim=True))
-    if layer.bias is not None:
-        b = layer.bias.double()
-        tx.write(layer.bias, b - b.mean())
+    bias = _tensor(layer, "bias")
+    if bias is not None:
+        b = bias.double()
+        tx.write(bias, b - b.mean())
 
 
 def _fold_into_conv_(tx: Transaction, ln: nn.LayerNorm, layer: nn.Module) -> None:
@@ -168,10 +190,11 @@ def _fold_into_conv_(tx: Transaction, ln: nn.LayerNorm, layer: nn.Module) -> Non
     beta = ln.bias.double() if ln.bias is not None else None
     w = _in_out(layer)
     if beta is not None:
-        if layer.bias is None:
+        bias = _tensor(layer, "bias")
+        if bias is None:
             raise ExactConversionError(f"{type(layer).__name__} after a LayerNorm with a bias has no bias to "
                                        "fold it into")
-        tx.write(layer.bias, layer.bias.double() + beta @ w)
+        tx.write(bias, bias.double() + beta @ w)
     if g is not None:
         _set_in_out(tx, layer, g[:, None] * w)
 
@@ -241,15 +264,18 @@ def _convert_exact(model: nn.Module, layout: Layout, body: nn.Module, prefix: st
         set_submodule(model, head_name, untied)
         report.changed.append((head_name, "untied from the token embedding"))
     for name in layout.embeddings:
-        _center_rows_(tx, body.get_submodule(name).weight)
+        _center_rows_(tx, _weight(body.get_submodule(name)))
         report.changed.append((prefix + name, "embedding rows centered (zero mean over the hidden size)"))
-    for i, block in enumerate(body.get_submodule(layout.blocks)):
+    blocks = body.get_submodule(layout.blocks)
+    if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise ExactConversionError(f"{layout.blocks} is not a list of blocks")
+    for i, block in enumerate(blocks):
         p = f"{prefix}{layout.blocks}.{i}."
         for ln_name, readers, writers in layout.sublayers:
             for writer in writers:
                 _center_output_(tx, block.get_submodule(writer))
                 report.changed.append((p + writer, "output weights and bias centered"))
-            ln = block.get_submodule(ln_name)
+            ln = _layernorm(block.get_submodule(ln_name))
             for reader in readers:
                 layer = block.get_submodule(reader)
                 if ln.bias is not None:
@@ -258,7 +284,7 @@ def _convert_exact(model: nn.Module, layout: Layout, body: nn.Module, prefix: st
                 report.changed.append((p + reader, f"{ln_name} gain and bias folded in"))
             set_submodule(block, ln_name, _plain_rmsnorm(ln, affine=False))
             report.changed.append((p + ln_name, "LayerNorm -> RMSNorm (no affine)"))
-    final = body.get_submodule(layout.final)
+    final = _layernorm(body.get_submodule(layout.final))
     if head_name is not None:
         head = getattr(model, head_name)
         set_submodule(model, head_name, _fold_into_linear(final, head))

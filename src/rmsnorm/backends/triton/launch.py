@@ -143,7 +143,7 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
-    f32 = {"dtype": torch.float32, "device": h.device}
+    f32: dict = {"dtype": torch.float32, "device": h.device}
     if m == 0:  # two tensors: dW and db must not share storage
         return dx, (torch.zeros((n,), **f32) if need_dw else None), (torch.zeros((n,), **f32) if need_db else None)
     w = weight.contiguous() if weight is not None else h
@@ -183,6 +183,6 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
             grid = (triton.cdiv(n, cfg.block_n), programs)
             kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars, BLOCK_N=cfg.block_n,
                                      num_warps=cfg.num_warps, **flags)
-    dw = dwp.sum(0) if need_dw else None  # fixed-order reduction of per-program partials
-    db = dbp.sum(0) if need_db else None
+    dw = dwp.sum(0) if dwp is not None else None  # fixed-order reduction of per-program partials
+    db = dbp.sum(0) if dbp is not None else None
     return dx, dw, db
