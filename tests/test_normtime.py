@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from rmsnorm.reproduce.normtime import NORMS, SETTINGS, comparisons, implementation, time_norms
 from rmsnorm.reproduce.norms import TIMING_VARIANTS, Norm
+from rmsnorm.reproduce.normtime import NORMS, SETTINGS, comparisons, implementation, time_norms
 
 
 @pytest.mark.parametrize("norm", NORMS)
