@@ -148,7 +148,7 @@ def _main(args: argparse.Namespace) -> int:
                 return 3
         if dd.main and not (out / "timing" / "norms.json").exists():
             bar.set_description("norm-level timing")
-            shapes = _norm_shapes(preset, out)
+            shapes = _norm_shapes(preset)
             dtype = getattr(torch, preset.autocast) if preset.autocast and args.device != "cpu" else torch.float32
             res = time_norms(shapes, preset.norm_timing_s, args.device, args.backend, dtype=dtype)
             atomic_json(out / "timing" / "norms.json", res)
@@ -225,7 +225,7 @@ def best_lr(dev: dict[float, float], metric: str) -> float:
     return max(sorted(dev), key=lambda lr: (sign * dev[lr], -lr))
 
 
-def _norm_shapes(preset, out: Path) -> dict[str, tuple[int, int]]:
+def _norm_shapes(preset) -> dict[str, tuple[int, int]]:
     """Every task's norm shapes, from the task sizes alone (no data is loaded)."""
     shapes: dict[str, tuple[int, int]] = {}
     for name, size in task_sizes(preset).items():

@@ -30,7 +30,7 @@ PARTIAL_P = 0.0625
 EPS = 1e-5
 
 
-def _ops_norm(variant: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+def ops_norm(variant: str, x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
               k: int) -> torch.Tensor:
     """The unfused (framework-op) forms over the last dimension."""
     if variant == "layernorm-ops":
@@ -80,7 +80,7 @@ class Norm(nn.Module):
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
         if self.variant in TIMING_VARIANTS:
-            return _ops_norm(self.variant, x if residual is None else x + residual, self.weight, self.bias, self.k)
+            return ops_norm(self.variant, x if residual is None else x + residual, self.weight, self.bias, self.k)
         if self.inner is None:
             return x if residual is None else x + residual
         if isinstance(self.inner, rmsnorm.RMSNorm):
@@ -120,5 +120,5 @@ class SpatialNorm(nn.Module):
             sub = flat[..., :: round(1 / PARTIAL_P)]  # every 16th position: see the module docstring
             y = (flat * torch.rsqrt((sub * sub).mean(-1, keepdim=True) + EPS)).view_as(x)
         else:
-            y = _ops_norm(self.variant, x.flatten(-2), None, None, 0).view_as(x)
+            y = ops_norm(self.variant, x.flatten(-2), None, None, 0).view_as(x)
         return torch.addcmul(self.bias[:, None, None], y, self.weight[:, None, None])

@@ -15,7 +15,6 @@ is spent. Gains and biases of N elements are included and get gradients, as in a
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 
@@ -23,26 +22,18 @@ import torch
 import torch.nn.functional as F
 
 import rmsnorm
+from rmsnorm.args import partial_size
 
-from .norms import EPS, PARTIAL_P
-from .stats import paired_ratio
+from .norms import EPS, PARTIAL_P, ops_norm
+from .stats import paired_ratio, within
 
 NORMS = ("layernorm", "rmsnorm", "prmsnorm")
 SETTINGS = ("unfused", "fused")
 
 
 def _unfused(norm: str, n: int) -> Callable:
-    k = math.ceil(PARTIAL_P * n)
-
-    def layernorm(x, w, b):
-        xc = x - x.mean(-1, keepdim=True)
-        return xc * torch.rsqrt((xc * xc).mean(-1, keepdim=True) + EPS) * w + b
-
-    def rms(x, w, b):
-        head = x if norm == "rmsnorm" else x[:, :k]
-        return x * torch.rsqrt((head * head).mean(-1, keepdim=True) + EPS) * w + b
-
-    return layernorm if norm == "layernorm" else rms
+    k = partial_size(n, PARTIAL_P)
+    return lambda x, w, b: ops_norm(norm + "-ops", x, w, b, k)
 
 
 def _fused(norm: str, n: int, backend: str | None) -> Callable:
@@ -124,7 +115,6 @@ def comparisons(shape: str) -> list[tuple[str, str, str]]:
 def _resolved(samples: dict, shapes: dict, target: float) -> bool:
     for shape in shapes:
         for setting, a, b in comparisons(shape):
-            r = paired_ratio(samples[(shape, setting, a)], samples[(shape, setting, b)])
-            if r.n < 2 or max(math.log(r.hi / r.mean), math.log(r.mean / r.lo)) > target:
+            if not within(paired_ratio(samples[(shape, setting, a)], samples[(shape, setting, b)]), target):
                 return False
     return True

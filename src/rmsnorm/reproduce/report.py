@@ -74,6 +74,15 @@ def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], list
     return [a[s] for s in seeds], [b[s] for s in seeds]
 
 
+def _time_comparison(claim: str, kind: str, task: str, setting: str, ours: str, ref: str, a: list[float],
+                     b: list[float]) -> dict:
+    """One round-paired time comparison: C2 judges the saving against the paper's 7%, C3 "faster"."""
+    r = S.paired_ratio(a, b)
+    verdict = S.saves_claimed_time(r) if claim == "C2" else S.faster(r)
+    return {"claim": claim, "kind": kind, "task": task, "setting": setting, "ours": ours, "reference": ref,
+            "ratio": r.as_dict(), "saving_pct": S.saving_pct(r).as_dict(), "verdict": verdict}
+
+
 def analyse(raw: dict) -> dict:
     """Comparisons and verdicts from raw data alone (what a reader can recompute from results.json)."""
     comps: list[dict] = []
@@ -96,22 +105,14 @@ def analyse(raw: dict) -> dict:
                 a, b = secs.get(ours + suffix), secs.get(ref + suffix)
                 if not a or not b:
                     continue
-                r = S.paired_ratio(a, b)
-                verdict = S.saves_claimed_time(r) if claim == "C2" else S.faster(r)
-                comps.append({"claim": claim, "kind": "step time", "task": task, "setting": setting, "ours": ours,
-                              "reference": ref, "ratio": r.as_dict(), "saving_pct": S.saving_pct(r).as_dict(),
-                              "verdict": verdict})
+                comps.append(_time_comparison(claim, "step time", task, setting, ours, ref, a, b))
     nt = raw.get("norm_timing")
     if nt:
         for shape in nt["shapes"]:
             for setting in ("unfused", "fused"):
                 for claim, ours, ref in (("C2", "rmsnorm", "layernorm"), ("C3", "prmsnorm", "rmsnorm")):
                     a, b = nt["seconds"][f"{shape}/{setting}/{ours}"], nt["seconds"][f"{shape}/{setting}/{ref}"]
-                    r = S.paired_ratio(a, b)
-                    verdict = S.saves_claimed_time(r) if claim == "C2" else S.faster(r)
-                    comps.append({"claim": claim, "kind": "norm time", "task": shape, "setting": setting,
-                                  "ours": ours, "reference": ref, "ratio": r.as_dict(),
-                                  "saving_pct": S.saving_pct(r).as_dict(), "verdict": verdict})
+                    comps.append(_time_comparison(claim, "norm time", shape, setting, ours, ref, a, b))
     verdicts = {}
     for claim in CLAIMS:
         mine = [c for c in comps if c["claim"] == claim]

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from .atomic import atomic_json, atomic_save
 from .presets import Schedule
-from .stats import paired_ratio
+from .stats import paired_ratio, within
 
 
 def run_dir(out: Path, task: str, variant: str, seed: int, lr: float) -> Path:
@@ -184,11 +184,7 @@ def time_variants(task, variants: list[str], device: str, backend: str | None, r
         return (time.perf_counter() - t0) / len(batches)
 
     def resolved() -> bool:
-        for a, b in pairs:
-            r = paired_ratio(samples[a], samples[b])
-            if r.n < 2 or max(math.log(r.hi / r.mean), math.log(r.mean / r.lo)) > 0.01:
-                return False
-        return True
+        return all(within(paired_ratio(samples[a], samples[b]), 0.01) for a, b in pairs)
 
     for v in variants:  # warm-up (allocator, JIT builds, caches)
         run(v)

@@ -87,6 +87,11 @@ def paired_ratio(a: Sequence[float], b: Sequence[float]) -> Interval:
                     math.exp(logs.hi) if logs.n > 1 else math.inf, logs.n)
 
 
+def within(ratio: Interval, rel: float) -> bool:
+    """Whether a ratio's CI lies within a factor exp(±rel) of its mean (False without a CI)."""
+    return ratio.n >= 2 and max(math.log(ratio.hi / ratio.mean), math.log(ratio.mean / ratio.lo)) <= rel
+
+
 def harm(metric: str, ours: Sequence[float], ref: Sequence[float]) -> Interval:
     """How much worse ``ours`` is than ``ref`` in the metric's units, paired by seed (negative: better)."""
     d = paired_difference(ours, ref)
