@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import overload
+from typing import Any, overload
 
 import torch
 from torch import Tensor
+from torch.compiler import is_compiling
 
 from . import args as _args
+from .backends.cpu import entry as cpu_entry
 from .ops import run
 from .spec import Cast, Spec, out_dtype_for, round_to
+
+# Eager entries by keyword options (see rms_norm); None where the entry cannot serve them.
+_ENTRIES: dict[tuple, cpu_entry.Entry | None] = {}
 
 
 @overload
@@ -63,8 +68,27 @@ def rms_norm(
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
+    key = None
+    if residual is None and normalized_shape is None and not is_compiling():
+        # The eager entry (CPU, backends/cpu/entry.py), one per set of options; the key holds the types of
+        # the numbers so that eps=True never finds eps=1's entry (bools are refused on the checked path).
+        key = (eps, eps.__class__, eps_mode, p, p.__class__, partial_rounding, offset, offset.__class__, cast,
+               out_dtype, backend)
+        fast: Any
+        try:
+            fast = _ENTRIES.get(key, False)
+        except TypeError:  # an unhashable argument: the checks below say what is wrong with it
+            fast, key = None, None
+        if fast:
+            y = fast[0](fast[1], x, weight, bias)
+            if y is not None:
+                return y
+        elif fast is not False:
+            key = None  # known, and the entry cannot serve these options
     spec = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding, offset, cast,
                    out_dtype)
+    if key is not None and type(x) is Tensor and x.device.type == "cpu" and len(_ENTRIES) < 256:
+        _ENTRIES[key] = cpu_entry.make(None, eps, eps_mode, p, partial_rounding, offset, cast, out_dtype, backend)
     y, h = run(x, weight, bias, residual, spec, backend)
     if residual is not None:
         assert h is not None

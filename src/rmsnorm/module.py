@@ -7,9 +7,11 @@ from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
+from torch.compiler import is_compiling
 
 from . import args as _args
 from .backends import registry
+from .backends.cpu import entry as cpu_entry
 from .functional import resolve, rms_norm
 from .ops import run
 from .spec import Cast
@@ -96,8 +98,21 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        if residual is None and type(x) is Tensor and not torch.compiler.is_compiling():
-            # Fast path for small, frequent calls (an RNN step): the checked arguments are cached per dtypes
+        if residual is None and not is_compiling() and type(self) is RMSNorm:
+            # The eager entry (CPU, backends/cpu/entry.py): one C++ call, or None for the paths below.
+            # Parameters come straight from _parameters (a subclass made by parametrize has its own lookup).
+            fast = self.__dict__.get("_entry")
+            if fast:
+                params = self._parameters
+                y = fast[0](fast[1], x, params.get("weight"), params.get("bias"))
+                if y is not None:
+                    return y
+            elif fast is None and type(x) is Tensor and x.device.type == "cpu":
+                self.__dict__["_entry"] = cpu_entry.make(
+                    self.normalized_shape, self.eps, self.eps_mode, self.p, self.partial_rounding, self.offset,
+                    self.cast, self.out_dtype, self.backend) or False
+        if residual is None and type(x) is Tensor and not is_compiling():
+            # Other devices (and what the entry declines): the checked arguments are cached per dtypes
             # and devices; changing an option (or a parameter) clears the cache (__setattr__), and only x's
             # trailing shape is checked again. Parameters come straight from _parameters for this class
             # (a subclass, e.g. one made by parametrize, goes through its own attribute lookup).
@@ -133,8 +148,16 @@ class RMSNorm(nn.Module):
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in RMSNorm._OPTIONS:
-            self.__dict__.pop("_resolved", None)  # the fast path's checked arguments depend on it
+            self.__dict__.pop("_resolved", None)  # the fast paths' checked arguments depend on it
+            self.__dict__.pop("_entry", None)
         super().__setattr__(name, value)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy and pickle (torch.save of a whole model) leave the per-process caches behind
+        state = self.__dict__.copy()
+        state.pop("_entry", None)
+        state.pop("_resolved", None)
+        return state
 
     def extra_repr(self) -> str:
         parts = [f"{self.normalized_shape}", f"eps={self.eps}", f"elementwise_affine={self.elementwise_affine}"]

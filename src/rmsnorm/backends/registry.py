@@ -93,6 +93,36 @@ _AVAILABLE: dict[str, str | None] = {}
 _LOCK = threading.Lock()
 _SELECT_CACHE: dict[tuple, Backend] = {}
 _WARNED: set[str] = set()
+# Called whenever the choice can change (default, registrations, availability): eager entries that skip
+# select() (the cpu backend's) keep their own copy of the answer and refresh it here.
+_ON_CHANGE: list[Callable[[], None]] = []
+
+
+def on_change(listener: Callable[[], None]) -> None:
+    """Call ``listener`` now and whenever the backend choice may change."""
+    _ON_CHANGE.append(listener)
+    listener()
+
+
+def _changed() -> None:
+    _SELECT_CACHE.clear()
+    for listener in _ON_CHANGE:
+        listener()
+
+
+def automatic_choice(device_type: str) -> str | None:
+    """The backend a call on ``device_type`` gets when it names none (the default, else the highest-priority
+    backend that serves the device automatically and is available), without a tensor; None if none."""
+    if _DEFAULT[0] is not None:
+        return _DEFAULT[0]
+    for be in sorted(_REGISTRY.values(), key=lambda b: -b.priority):
+        if be.auto_devices is not None and device_type not in be.auto_devices:
+            continue
+        if "*" not in be.devices and device_type not in be.devices:
+            continue
+        if be.unavailable_reason() is None:
+            return be.name
+    return None
 
 
 def set_default(name: str | None) -> None:
@@ -100,12 +130,17 @@ def set_default(name: str | None) -> None:
     if name is not None:
         get(name)
     _DEFAULT[0] = name
-    _SELECT_CACHE.clear()
+    _changed()
+
+
+def default() -> str | None:
+    """The backend used when none is named ($RMSNORM_BACKEND at import, or set_default); None: automatic."""
+    return _DEFAULT[0]
 
 
 def register(backend: Backend) -> Backend:
     _REGISTRY[backend.name] = backend
-    _SELECT_CACHE.clear()
+    _changed()
     return backend
 
 
@@ -140,8 +175,8 @@ def _availability(be: Backend) -> str | None:
 def reset_availability() -> None:
     """Forget cached availability (tests; after installing a toolchain)."""
     _AVAILABLE.clear()
-    _SELECT_CACHE.clear()
     _WARNED.clear()
+    _changed()
 
 
 def backends() -> list[BackendInfo]:

@@ -23,7 +23,10 @@ from ..spec import Spec
 
 
 def as_rows(t: Tensor, n: int) -> Tensor:
-    """(…, N…) -> an (M, N) view (a copy only when the layout needs it) with contiguous rows."""
+    """(…, N…) -> an (M, N) view (a copy only when the layout needs it) with contiguous rows; a negative
+    view (torch._neg_view) is resolved, since kernels read memory, not the view's sign bit."""
+    if t.is_neg():
+        t = t.resolve_neg()
     t2 = t.reshape(-1, n)
     if n > 1 and t2.stride(1) != 1:
         t2 = t2.contiguous()
@@ -31,7 +34,7 @@ def as_rows(t: Tensor, n: int) -> Tensor:
 
 
 def _flat(t: Tensor | None, n: int) -> Tensor | None:
-    return None if t is None else t.reshape(n)
+    return None if t is None else (t.resolve_neg() if t.is_neg() else t).reshape(n)
 
 
 def nd_forward(row_forward: Callable) -> Callable:

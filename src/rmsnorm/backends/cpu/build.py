@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
-ABI_VERSION = 3  # bump when the module's functions change
+ABI_VERSION = 4  # bump when the module's functions change
 
 # Compile flags per torch CPU capability; ATen's Vectorized<> picks its implementation from the macros.
 _FLAGS = {
@@ -108,6 +108,11 @@ def module():
     """The compiled extension module; builds it (or loads the cached build) on first call."""
     mod = _state.get("module")
     return mod if mod is not None else load()
+
+
+def loaded():
+    """The extension module if it is loaded in this process, else None (never builds)."""
+    return _state.get("module")
 
 
 def _library(directory: Path) -> Path | None:

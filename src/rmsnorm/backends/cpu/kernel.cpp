@@ -11,6 +11,10 @@
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/utils/pybind.h>
+#include <torch/csrc/autograd/python_variable.h>
+#include <torch/csrc/jit/frontend/tracer.h>
+#include <c10/core/impl/TorchDispatchModeTLS.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cmath>
 #include <tuple>
@@ -310,7 +314,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
   float ss = cas.total(s0, s1);
   for (int64_t r = r0; r < r1; ++r) {
     const float rs = inv_rms(ss, k, a.eps, a.eps_outside);
-    a.rstd[r] = rs;
+    if (a.rstd) a.rstd[r] = rs;
     const fVec vr(rs);
     const TH* h = src(r);
     TO* y = static_cast<TO*>(a.y) + r * N;
@@ -525,30 +529,67 @@ void dispatch(at::ScalarType t, const char* what, F&& f) {
   }
 }
 
-// (*batch, *normalized) -> (M, N) view with contiguous rows (a copy only when the layout needs it).
-at::Tensor rows(const at::Tensor& t, int64_t M, int64_t N, const char* what) {
+// (*batch, *normalized) as M rows of N elements: a base pointer and a row stride (elements). Contiguous
+// tensors are read in place (no view is made); other layouts are reshaped, copied only when their rows are
+// not unit-stride; negative views (torch._neg_view) are resolved, as every ATen kernel would.
+struct Rows {
+  at::Tensor keep;  // the copy or view the pointer points into, when one was needed
+  const void* ptr = nullptr;
+  int64_t stride = 0;
+};
+
+Rows rows(const at::Tensor& t, int64_t M, int64_t N, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "rmsnorm cpu: ", what, " must be a CPU tensor");
-  at::Tensor r = (t.dim() == 2 && t.size(0) == M) ? t : t.reshape({M, N});
+  if (!t.is_neg() && t.is_contiguous()) return {at::Tensor(), t.data_ptr(), N};
+  at::Tensor r = t.is_neg() ? t.resolve_neg() : t;
+  r = (r.dim() == 2 && r.size(0) == M) ? r : r.reshape({M, N});
   if (N > 1 && r.stride(1) != 1) r = r.contiguous();
-  return r;
+  return {r, r.data_ptr(), r.stride(0)};
 }
 
-// A parameter as a contiguous fp32 row of N elements (undefined when absent).
-at::Tensor f32_row(const std::optional<at::Tensor>& t, int64_t N) {
-  if (!t.has_value()) return at::Tensor();
-  at::Tensor r = t->dim() == 1 ? *t : t->reshape({N});
-  if (r.scalar_type() != at::kFloat) r = r.to(at::kFloat);
-  if (!r.is_contiguous()) r = r.contiguous();
-  return r;
+// A parameter (gain or bias) as N fp32 values, read in its own dtype: an fp32 contiguous parameter is
+// used in place; any other (bf16, fp16, offset != 0, strided) is converted into `buf`, a per-thread buffer
+// that lives across calls, so a call makes no tensor for it. Without a weight the gain is 1 + offset.
+template <typename T>
+void widen(const T* src, float* dst, int64_t N, float add) {
+  for (int64_t i = 0; i < N; ++i) dst[i] = static_cast<float>(src[i]) + add;
 }
 
-// The gain weight + offset as an fp32 row (1 + offset everywhere without a weight).
-at::Tensor gain(const std::optional<at::Tensor>& weight, int64_t N, double offset) {
-  if (!weight.has_value()) {
-    return at::full({N}, static_cast<float>(1.0 + offset), at::TensorOptions().dtype(at::kFloat));
+const float* param_row(const std::optional<at::Tensor>& t, int64_t N, double offset, bool is_gain,
+                       std::vector<float>& buf) {
+  if (!t.has_value()) {
+    if (!is_gain) return nullptr;
+    buf.assign(N, static_cast<float>(1.0 + offset));
+    return buf.data();
   }
-  at::Tensor g = f32_row(weight, N);
-  return offset != 0.0 ? g + offset : g;
+  TORCH_CHECK(t->numel() == N, "rmsnorm cpu: ", is_gain ? "weight" : "bias", " must have N elements");
+  TORCH_CHECK(t->device().is_cpu(), "rmsnorm cpu: ", is_gain ? "weight" : "bias", " must be a CPU tensor");
+  const bool plain = t->is_contiguous() && !t->is_neg();
+  if (plain && t->scalar_type() == at::kFloat && offset == 0.0) return t->data_ptr<float>();
+  const at::Tensor c = plain ? *t : t->resolve_neg().contiguous();
+  buf.resize(N);
+  const float add = static_cast<float>(offset);
+  switch (c.scalar_type()) {
+    case at::kFloat: widen(c.data_ptr<float>(), buf.data(), N, add); break;
+    case at::kBFloat16: widen(c.data_ptr<c10::BFloat16>(), buf.data(), N, add); break;
+    case at::kHalf: widen(c.data_ptr<c10::Half>(), buf.data(), N, add); break;
+    case at::kDouble: {  // fp64 parameters with half/fp32 activations: rounded to fp32 first, as .to(float)
+      const double* d = c.data_ptr<double>();
+      for (int64_t i = 0; i < N; ++i) buf[i] = static_cast<float>(d[i]) + add;
+      break;
+    }
+    default: TORCH_CHECK(false, "rmsnorm cpu: unsupported parameter dtype ", c.scalar_type());
+  }
+  return buf.data();
+}
+
+// Per-thread parameter buffers (the calling thread's; the kernels' worker threads only read them).
+struct ParamBuffers {
+  std::vector<float> gain, bias;
+};
+ParamBuffers& param_buffers() {
+  thread_local ParamBuffers b;
+  return b;
 }
 
 struct Shape {
@@ -570,10 +611,12 @@ Shape split_rows(const at::Tensor& t, int64_t nd) {
   return s;
 }
 
-// -> (y, h or None, rstd); y and h have x's shape, rstd the batch shape, in fp32.
+// -> (y, h or None, rstd); y and h have x's shape, rstd the batch shape, in fp32 (undefined when
+// !need_rstd: a forward nothing will differentiate).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream) {
+    const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream,
+    bool need_rstd = true) {
   const Shape sh = split_rows(x, spec.nd);
   const int64_t M = sh.M, N = sh.N, k = spec.k;
   const at::ScalarType out_dtype = spec.out_dtype;
@@ -584,17 +627,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
   auto y = at::empty(x.sizes(), opts.dtype(out_dtype));
   auto h = res ? at::empty(x.sizes(), opts.dtype(th)) : at::Tensor();
-  auto rstd = at::empty(sh.batch, opts.dtype(at::kFloat));
+  auto rstd = need_rstd ? at::empty(sh.batch, opts.dtype(at::kFloat)) : at::Tensor();
   if (M == 0) return {y, h, rstd};
-  const at::Tensor x2 = rows(x, M, N, "x");
-  const at::Tensor r2 = res ? rows(*residual, M, N, "residual") : at::Tensor();
-  const at::Tensor g = gain(weight, N, spec.offset);
-  const at::Tensor b = f32_row(bias, N);
-  if (weight.has_value()) TORCH_CHECK(weight->numel() == N, "rmsnorm cpu: weight must have N elements");
-  const Fwd a{x2.data_ptr(), x2.stride(0), res ? r2.data_ptr() : nullptr, res ? r2.stride(0) : 0,
-              res ? h.data_ptr() : nullptr, y.data_ptr(), rstd.data_ptr<float>(), g.data_ptr<float>(),
-              b.defined() ? b.data_ptr<float>() : nullptr, N, k, static_cast<float>(spec.eps), spec.eps_outside,
-              spec.round_to, stream};
+  const Rows x2 = rows(x, M, N, "x");
+  const Rows r2 = res ? rows(*residual, M, N, "residual") : Rows();
+  ParamBuffers& pb = param_buffers();
+  const float* g = param_row(weight, N, spec.offset, true, pb.gain);
+  const float* b = param_row(bias, N, 0.0, false, pb.bias);
+  const Fwd a{x2.ptr, x2.stride, r2.ptr, r2.stride, res ? h.data_ptr() : nullptr, y.data_ptr(),
+              need_rstd ? rstd.data_ptr<float>() : nullptr, g, b, N, k, static_cast<float>(spec.eps),
+              spec.eps_outside, spec.round_to, stream};
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   dispatch(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
@@ -663,17 +705,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   at::Tensor pw = need_dw ? at::zeros({blocks, N}, f32) : at::Tensor();
   at::Tensor pb = need_db ? at::zeros({blocks, N}, f32) : at::Tensor();
   if (M > 0) {
-    const at::Tensor h2 = rows(h, M, N, "h"), dy2 = rows(dy, M, N, "dy");
-    at::Tensor dh2;
+    const Rows h2 = rows(h, M, N, "h"), dy2 = rows(dy, M, N, "dy");
+    Rows dh2;
     if (dh.has_value()) {
       TORCH_CHECK(dh->scalar_type() == h.scalar_type() && dh->sizes() == h.sizes(),
                   "rmsnorm cpu: dh must have h's dtype and shape");
       dh2 = rows(*dh, M, N, "dh");
     }
-    const at::Tensor g = gain(weight, N, spec.offset);
-    const Bwd a{dy2.data_ptr(), dy2.stride(0), dh2.defined() ? dh2.data_ptr() : nullptr,
-                dh2.defined() ? dh2.stride(0) : 0, h2.data_ptr(), h2.stride(0), rstd.data_ptr<float>(),
-                g.data_ptr<float>(), dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
+    const float* g = param_row(weight, N, spec.offset, true, param_buffers().gain);
+    const Bwd a{dy2.ptr, dy2.stride, dh2.ptr, dh2.stride, h2.ptr, h2.stride, rstd.data_ptr<float>(),
+                g, dx.data_ptr(), need_dw ? pw.data_ptr<float>() : nullptr,
                 need_db ? pb.data_ptr<float>() : nullptr, N, k, static_cast<float>(spec.eps), spec.eps_outside,
                 spec.round_to, stream};
     // pairwise levels of the dW/db column sums, per block (see ColumnSums)
@@ -791,6 +832,122 @@ torch::autograd::variable_list forward_autograd(
   return CpuKernelFunction::apply(x, weight, bias, residual, spec, blocks, stream);
 }
 
+// ------------------------------------------------------------------------------------ eager entry
+// One C++ call per norm for the common eager case (rmsnorm/backends/cpu/entry.py builds the Config):
+// the checks, the option resolution (rmsnorm.functional.resolve's rules), the grad choice and the launch
+// heuristic run here. Anything unusual returns None and the caller takes the Python path, which keeps
+// every error message and every other route (ops.run's table) in one place.
+
+// Whether the automatic backend choice on CPU is this backend (rmsnorm.backends.registry sets it).
+bool g_auto_is_cpu = false;
+
+void set_auto_is_cpu(bool on) { g_auto_is_cpu = on; }
+
+enum class CastMode : int64_t { kFp32 = 0, kLlama = 1, kT5 = 2 };
+
+struct Config {
+  std::vector<int64_t> shape;  // the normalized shape; empty: the weight's, else the bias's, else x's last dim
+  double p = 1.0;
+  bool floor = false;  // partial_rounding="floor"
+  bool has_eps = true;  // false: eps=None, the compute dtype's machine epsilon
+  double eps = 1e-6;
+  bool eps_outside = false;
+  double offset = 0.0;
+  CastMode cast = CastMode::kFp32;
+  at::ScalarType out_dtype = at::ScalarType::Undefined;  // Undefined: resolved per call
+  bool named = false;  // backend="cpu" was named (else it runs only while the automatic choice is cpu)
+  int64_t parallel_min_elements = 1 << 16;
+  int64_t stream_min_bytes = 8 << 20;
+  int64_t k_fixed = 0;  // k for a fixed shape (0: computed per call)
+};
+
+// rmsnorm.args.partial_size, the same arithmetic in double precision.
+int64_t partial_size(int64_t n, double p, bool floor) {
+  if (p >= 1.0) return n;
+  const double exact = p * static_cast<double>(n);
+  const double tol = 1e-9 + 1e-12 * exact;
+  const int64_t k = static_cast<int64_t>(floor ? std::floor(exact + tol) : std::ceil(exact - tol));
+  return std::min(std::max<int64_t>(k, 1), n);
+}
+
+bool is_io_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
+bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
+
+// A tensor this entry reads with its data pointer: a plain strided CPU tensor that no transform, mode
+// or subclass wraps (those keep their own semantics on the Python path).
+bool plain_cpu(const at::Tensor& t) {
+  static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
+      c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor,
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  const auto ks = t.key_set();
+  return t.layout() == at::kStrided && t.device().is_cpu() && !ks.has_any(kOther) && is_io_dtype(t.scalar_type());
+}
+
+// A parameter argument: None, or a (possibly nn.Parameter) tensor; false if it is anything else.
+bool param_arg(PyObject* o, std::optional<at::Tensor>& out) {
+  if (o == Py_None) return true;
+  if (!THPVariable_Check(o)) return false;
+  const at::Tensor& t = THPVariable_Unpack(o);
+  if (!plain_cpu(t)) return false;
+  out = t;
+  return true;
+}
+
+// The call, or None for the Python path.
+py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo) {
+  PyObject* xp = xo.ptr();
+  if (!THPVariable_CheckExact(xp)) return py::none();
+  const at::Tensor& x = THPVariable_Unpack(xp);
+  std::optional<at::Tensor> w, b;
+  if (!plain_cpu(x) || !param_arg(wo.ptr(), w) || !param_arg(bo.ptr(), b)) return py::none();
+  if (!(c.named || g_auto_is_cpu)) return py::none();
+  if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return py::none();
+  }
+  if (c.offset != 0.0 && !w.has_value()) return py::none();  // an error, raised by the Python path
+  // the normalized shape and its size
+  c10::IntArrayRef shape = c.shape;
+  if (shape.empty()) shape = w ? w->sizes() : b ? b->sizes() : x.sizes().slice(x.dim() > 0 ? x.dim() - 1 : 0);
+  const int64_t nd = static_cast<int64_t>(shape.size());
+  if (nd == 0 || x.dim() < nd || x.sizes().slice(x.dim() - nd) != shape) return py::none();
+  if ((w && w->sizes() != shape) || (b && b->sizes() != shape)) return py::none();
+  int64_t N = 1;
+  for (int64_t s : shape) N *= s;
+  const int64_t k = c.k_fixed > 0 ? c.k_fixed : partial_size(N, c.p, c.floor);
+  if (N == 0 || k == 0) return py::none();
+  // dtypes (rmsnorm.spec.round_to / out_dtype_for)
+  const at::ScalarType h_dtype = x.scalar_type();
+  Spec spec;
+  spec.nd = nd;
+  spec.k = k;
+  spec.eps = c.has_eps ? c.eps : static_cast<double>(std::numeric_limits<float>::epsilon());
+  spec.eps_outside = c.eps_outside;
+  spec.offset = c.offset;
+  spec.residual = false;
+  at::ScalarType out = h_dtype;
+  if (c.cast == CastMode::kLlama) {
+    spec.round_to = is_half(h_dtype) ? h_dtype : at::ScalarType::Undefined;
+    if (w) out = at::promote_types(h_dtype, w->scalar_type());
+  } else if (c.cast == CastMode::kT5) {
+    spec.round_to = w && is_half(w->scalar_type()) ? w->scalar_type() : at::ScalarType::Undefined;
+    if (w) out = w->scalar_type();
+  }
+  spec.out_dtype = c.out_dtype != at::ScalarType::Undefined ? c.out_dtype : out;
+  if (!is_io_dtype(spec.out_dtype)) return py::none();
+  // launch (rmsnorm.backends.cpu.heuristics.launch)
+  const int64_t numel = x.numel();
+  const int64_t blocks = numel < c.parallel_min_elements ? 1 : at::get_num_threads();
+  const bool stream = numel * static_cast<int64_t>(x.element_size()) >= c.stream_min_bytes;
+  const bool grad = at::GradMode::is_enabled() &&
+                    (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
+  if (grad && x.is_inference()) return py::none();  // torch's module accepts it: the Python path clones
+  at::Tensor y = grad ? CpuKernelFunction::apply(x, w, b, std::nullopt, spec, blocks, stream)[0]
+                      : std::get<0>(::forward(x, w, b, std::nullopt, spec, blocks, stream, /*need_rstd=*/false));
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
+}
+
 }  // namespace
 
 // rmsnorm.spec.Spec (a NamedTuple of 8 fields) -> Spec, read with the C API (this runs on every call).
@@ -826,8 +983,39 @@ struct type_caster<Spec> {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("vector_width") = py::int_(kF);
-  m.def("forward", &forward, "RMSNorm forward -> (y, h, rstd)");
+  m.def("forward",
+        [](const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+           const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream) {
+          return forward(x, weight, bias, residual, spec, blocks, stream);
+        },
+        "RMSNorm forward -> (y, h, rstd)");
   m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
   m.def("forward_autograd", &forward_autograd, "RMSNorm forward recorded for autograd -> [y] or [y, h]");
   m.def("set_graph_backward", &set_graph_backward, "the differentiable backward used with create_graph=True");
+  py::class_<Config>(m, "Config")
+      .def(py::init([](std::vector<int64_t> shape, double p, bool floor, std::optional<double> eps,
+                       bool eps_outside, double offset, int64_t cast, std::optional<at::ScalarType> out_dtype,
+                       bool named, int64_t parallel_min_elements, int64_t stream_min_bytes) {
+             Config c;
+             c.shape = std::move(shape);
+             c.p = p;
+             c.floor = floor;
+             c.has_eps = eps.has_value();
+             c.eps = eps.value_or(0.0);
+             c.eps_outside = eps_outside;
+             c.offset = offset;
+             c.cast = static_cast<CastMode>(cast);
+             c.out_dtype = out_dtype.value_or(at::ScalarType::Undefined);
+             c.named = named;
+             c.parallel_min_elements = parallel_min_elements;
+             c.stream_min_bytes = stream_min_bytes;
+             if (!c.shape.empty()) {
+               int64_t n = 1;
+               for (int64_t s : c.shape) n *= s;
+               c.k_fixed = partial_size(n, p, floor);
+             }
+             return c;
+           }));
+  m.def("call", &call, "the eager entry: y, or None when the call needs the Python path");
+  m.def("set_auto_is_cpu", &set_auto_is_cpu, "whether the automatic backend choice on CPU is this backend");
 }
