@@ -194,3 +194,17 @@ def test_copies_and_pickles_leave_the_caches_behind():
     for other in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
         assert "_entry" not in other.__dict__
         torch.testing.assert_close(other(x), m(x))
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_forward_mode_ad_carries_tangents(grad):
+    import torch.autograd.forward_ad as fwAD
+
+    m, tm = rmsnorm.RMSNorm(8, eps=1e-6), torch.nn.RMSNorm(8, eps=1e-6)
+    x, t = torch.randn(3, 8), torch.randn(3, 8)
+    m(x)  # the entry exists
+    with torch.set_grad_enabled(grad), fwAD.dual_level():
+        d = fwAD.make_dual(x, t)
+        want = fwAD.unpack_dual(tm(d)).tangent
+        for got in (m(d), rmsnorm.rms_norm(d, m.weight, eps=1e-6)):
+            torch.testing.assert_close(fwAD.unpack_dual(got).tangent, want)

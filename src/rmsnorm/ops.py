@@ -6,7 +6,8 @@ Dispatch table of :func:`run` (first match wins):
 the call                                      route
 ============================================  =========================================================
 jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite` (plain differentiable torch ops)
-transforms, rows of zero elements
+transforms, forward-mode AD, rows of zero
+elements
 torch.compile / torch.export / tensor          the custom op ``rmsnorm::forward`` (autograd registered;
 subclasses (DTensor)                           backend chosen when the op runs, not while tracing)
 no gradient needed                             ``backend.forward`` (the kernel, nothing recorded)
@@ -27,6 +28,8 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+import torch.autograd.forward_ad as _forward_ad
 
 from . import composite
 from .args import compute_dtype
@@ -153,8 +156,10 @@ class KernelFunction(torch.autograd.Function):
 
 
 def _decomposed() -> bool:
-    """Calls the kernels cannot serve: jit tracing (and the legacy ONNX exporter), torch.func transforms."""
-    return torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+    """Calls the kernels cannot serve: jit tracing (and the legacy ONNX exporter), torch.func transforms,
+    forward-mode AD (inside ``torch.autograd.forward_ad.dual_level``: the kernels carry no tangents)."""
+    return (torch._C._get_tracing_state() is not None or torch._C._are_functorch_transforms_active()
+            or _forward_ad._current_level >= 0)
 
 
 def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, spec: Spec,

@@ -21,8 +21,7 @@ import torch
 
 from ...spec import Cast
 from .. import registry
-from . import build
-from .heuristics import LAUNCH
+from . import build, heuristics
 
 _CASTS = {Cast.FP32: 0, Cast.LLAMA: 1, Cast.T5: 2}
 _listening: list[bool] = []
@@ -53,6 +52,6 @@ def make(normalized_shape: Sequence[int] | None, eps: float | None, eps_mode: st
         _refresh()  # a module reloaded by `rmsnorm build` starts with the flag off
     cfg = mod.Config(list(normalized_shape or ()), float(p), partial_rounding == "floor",
                      None if eps is None else float(eps), eps_mode == "outside", float(offset),
-                     _CASTS[Cast(cast)], out_dtype, backend == "cpu", LAUNCH.parallel_min_elements,
-                     LAUNCH.stream_min_bytes)
+                     _CASTS[Cast(cast)], out_dtype, backend == "cpu", heuristics.LAUNCH.parallel_min_elements,
+                     heuristics.LAUNCH.stream_min_bytes)
     return mod.call, cfg

@@ -1,11 +1,13 @@
 """Launch heuristics of the CPU kernels: row blocks (threads) and non-temporal stores.
 
-Both thresholds come from ``python -m rmsnorm.bench.calibrate`` (tables in docs/benchmarks/cpu.md),
-measured on the 2-core Xeon (Sapphire Rapids, AVX-512, 2 MB L2 per core) this project is built on:
+Both thresholds come from ``python -m rmsnorm.bench.calibrate`` (tables in docs/benchmarks/cpu.md,
+"Launch thresholds"), on the 2-core VMs this project is built on:
 
-- parallel_min_elements: forward of M x 512 on one thread vs two: two lose up to 16K elements (1.4-2x
-  slower: waking the OpenMP pool costs about 2 µs), break even from 32K to 64K (ratios 0.84-1.23 over
-  runs), and win from 128K (0.8x) up.
+- parallel_min_elements (forward and backward): M x 512 on one thread vs two. AMD EPYC (2026-11-28, two
+  runs): two blocks lose below 16K elements (1.1-1.36x: waking the OpenMP pool costs about 2 µs), are even
+  at 16K (0.93-1.03) and win from 32K (forward 0.82-0.83, backward 0.84-0.89) up. Xeon (Sapphire Rapids,
+  earlier): even from 32K to 64K (0.84-1.23 over runs), wins from 128K. 32K: the EPYC's gain, at most
+  the Xeon's break-even.
 - stream_min_bytes: non-temporal stores cost 1.41x at a 1 MB fp32 output (the output would have stayed in
   cache) and save 25-45% from 4 MB up. We stream from 8 MB, past the combined L2 of the cores, so that
   outputs a following op could still read from cache are left there.
@@ -20,7 +22,7 @@ import torch
 
 @dataclass(frozen=True)
 class CpuLaunch:
-    parallel_min_elements: int = 1 << 16
+    parallel_min_elements: int = 1 << 15
     stream_min_bytes: int = 8 << 20
 
 

@@ -902,6 +902,10 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo) {
   std::optional<at::Tensor> w, b;
   if (!plain_cpu(x) || !param_arg(wo.ptr(), w) || !param_arg(bo.ptr(), b)) return py::none();
   if (!(c.named || g_auto_is_cpu)) return py::none();
+  // forward-mode AD: the kernels carry no tangents (the Python path decomposes)
+  if (x._fw_grad(0).defined() || (w && w->_fw_grad(0).defined()) || (b && b->_fw_grad(0).defined())) {
+    return py::none();
+  }
   if (torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
       c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
     return py::none();
