@@ -27,9 +27,8 @@ internally, so that tensor subclasses (DTensor) see the original shape and layou
 from __future__ import annotations
 
 import torch
-from torch import Tensor
-
 import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
 
 from . import composite
 from .args import compute_dtype

@@ -11,6 +11,13 @@ import triton.language as tl
 from ...spec import Spec
 from . import kernels
 from .heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
+from .prebound import Prebound
+
+# every kernel is launched through its pre-bound launcher (prebound.py)
+FWD_ROWS, FWD_TEAM = Prebound(kernels._fwd_rows), Prebound(kernels._fwd_team)
+FWD_LOOPED, BWD_ROWS = Prebound(kernels._fwd_looped), Prebound(kernels._bwd_rows)
+BWD_TEAM, BWD_ROWDOT = Prebound(kernels._bwd_team), Prebound(kernels._bwd_rowdot)
+BWD_TILED = Prebound(kernels._bwd_tiled)
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -85,9 +92,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
              "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
     if cfg.single:
-        grid = (triton.cdiv(m, cfg.block_m),)
-        kernels._fwd_rows[grid](*ptrs, *scalars, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, PARTIAL=spec.k < n,
-                                num_warps=cfg.num_warps, **flags)
+        grid = (-(-m // cfg.block_m),)  # (triton.cdiv is a constexpr function: 2 µs a call)
+        FWD_ROWS.launch(grid, (*ptrs, *scalars), {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                                                  "PARTIAL": spec.k < n, "num_warps": cfg.num_warps, **flags},
+                        x.device)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
@@ -96,12 +104,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         teams = cfg.programs // g if cfg.programs else _teams(kernels._fwd_team, (*ptrs, part, arr, gen, *scalars),
                                                               consts, g, m, x.device)
         for sync in _team_launches(x.device, g):
-            kernels._fwd_team[(teams * g,)](*ptrs, part, arr, gen, *scalars, teams, g, SYNC=sync, **consts)
+            FWD_TEAM.launch((teams * g,), (*ptrs, part, arr, gen, *scalars, teams, g), {"SYNC": sync, **consts},
+                            x.device)
     else:
         ev = ("evict_last", "evict_first") if cfg.evict else ("", "")
         grid = (min(m, cfg.programs) if cfg.programs else m,)
-        kernels._fwd_looped[grid](*ptrs, *scalars, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, EV1=ev[0],
-                                  EV2=ev[1], **flags)
+        FWD_LOOPED.launch(grid, (*ptrs, *scalars), {"BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps,
+                                                    "EV1": ev[0], "EV2": ev[1], **flags}, x.device)
     return y, h, rstd
 
 
@@ -163,8 +172,8 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         dbp = torch.empty((teams, n), **f32) if need_db else None
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         for sync in _team_launches(h.device, g):
-            kernels._bwd_team[(teams * g,)](dy, d, h, w, rstd, dx, *parts, part, arr, gen, *strides, *scalars,
-                                            teams, g, SYNC=sync, **consts)
+            BWD_TEAM.launch((teams * g,), (dy, d, h, w, rstd, dx, *parts, part, arr, gen, *strides, *scalars,
+                                           teams, g), {"SYNC": sync, **consts}, h.device)
     else:
         programs = cfg.programs
         # every program writes its whole partial row, except the in-place (L2 partials) variant: zero it
@@ -173,16 +182,17 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         dbp = alloc((programs, n), **f32) if need_db else None
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         if cfg.single:
-            kernels._bwd_rows[(programs,)](dy, d, h, w, rstd, dx, *parts, *strides, *scalars, BLOCK_M=cfg.block_m,
-                                           BLOCK_N=cfg.block_n, ACC_IN_REGS=cfg.acc_in_regs,
-                                           num_warps=cfg.num_warps, **flags)
+            BWD_ROWS.launch((programs,), (dy, d, h, w, rstd, dx, *parts, *strides, *scalars),
+                            {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
+                             "num_warps": cfg.num_warps, **flags}, h.device)
         else:
             s = torch.empty((m,), **f32)
-            kernels._bwd_rowdot[(m,)](dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset,
-                                      BLOCK_N=cfg.block_n, HAS_W=weight is not None, num_warps=cfg.num_warps)
+            BWD_ROWDOT.launch((m,), (dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset),
+                              {"BLOCK_N": cfg.block_n, "HAS_W": weight is not None, "num_warps": cfg.num_warps},
+                              h.device)
             grid = (triton.cdiv(n, cfg.block_n), programs)
-            kernels._bwd_tiled[grid](dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars, BLOCK_N=cfg.block_n,
-                                     num_warps=cfg.num_warps, **flags)
+            BWD_TILED.launch(grid, (dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars),
+                             {"BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps, **flags}, h.device)
     dw = dwp.sum(0) if dwp is not None else None  # fixed-order reduction of per-program partials
     db = dbp.sum(0) if dbp is not None else None
     return dx, dw, db

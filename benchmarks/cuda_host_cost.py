@@ -1,0 +1,204 @@
+"""Host cost of the CUDA path without a GPU: Triton's real launcher against a stand-in libcuda.
+
+    python benchmarks/cuda_host_cost.py [--out FILE.jsonl]
+
+On a GPU, small norms are launch-bound: the GPU idles while the host prepares the next launch. That
+host work (argument checks, allocations, Triton's specialization and launcher, autograd) is measurable
+on any Linux machine: this script compiles ``cuda_host/stub_libcuda.c`` into a libcuda.so.1 whose every
+call succeeds at once, points Triton's CUDA driver at it (sm_90 target, kernels compiled with Triton's
+own ptxas), and times the triton backend's forward and backward with CPU tensors standing in for device
+memory. Kernels never run, so every time here is host time; nothing is read from the outputs.
+
+Compared in one interleaved run (medians, see rmsnorm.bench.timing), as ratios to a no-op Python
+``torch.autograd.Function`` (forward returns its input's view, backward returns its gradient):
+the backend's forward (no_grad), a grad-mode forward, and forward + backward through autograd, with the
+kernels launched pre-bound (rmsnorm.backends.triton.prebound) and, for comparison, through Triton's own
+``kernel[grid]`` path. Also: one bare ``kernel[grid](...)`` launch and a pre-bound ``CompiledKernel.run``
+of a copy kernel.
+The host (CPU model) matters: name it with the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SHAPES = [(1, 4096), (8, 4096), (64, 512)]
+
+
+def _build_stub(directory: Path) -> None:
+    import triton
+
+    include = Path(triton.__file__).parent / "backends" / "nvidia" / "include"
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", f"-I{include}", "-o", str(directory / "libcuda.so.1"),
+                    str(HERE / "cuda_host" / "stub_libcuda.c")], check=True)
+
+
+def _activate_stub_driver() -> None:
+    """Make Triton's CUDA driver the active one, answering for device 0 on stream 0 (torch has no CUDA)."""
+    import torch
+    import triton
+    from triton.backends.nvidia.driver import CudaDriver
+
+    drv = CudaDriver()
+    drv.get_current_device = lambda: 0
+    drv.get_current_stream = lambda device=None: 0
+    drv.get_device_capability = lambda device=None: (9, 0)
+    drv.set_current_device = lambda device: None
+    drv.get_active_torch_device = lambda: torch.device("cpu")
+    triton.runtime.driver.set_active(drv)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _callables(m: int, n: int, noop, copy) -> dict:
+    import torch
+    import triton
+
+    from rmsnorm.backends.triton import launch, prebound
+    from rmsnorm.ops import KernelFunction
+    from rmsnorm.spec import plain
+
+    dtype = torch.bfloat16
+    x = torch.randn(m, n, dtype=dtype)
+    w = torch.randn(n, dtype=dtype, requires_grad=True)
+    xg = x.clone().requires_grad_(True)
+    dy = torch.randn(m, n, dtype=dtype)
+    spec = plain(dtype, n)
+    small = torch.empty(n), torch.empty(n)
+    block = triton.next_power_of_2(n)
+    compiled = copy[(1,)](*small, n, BLOCK=block)
+    args = (*small, n, block)
+
+    def launch_bare():
+        copy[(1,)](*small, n, BLOCK=block)
+
+    def launch_prebound():
+        compiled.run(1, 1, 1, 0, compiled.function, compiled.packed_metadata, None, None, None, *args)
+
+    def noop_fwd():
+        with torch.no_grad():
+            noop.apply(x, w)
+
+    def noop_round_trip():
+        noop.apply(xg, w).backward(dy)
+
+    def ours_launch():
+        with torch.no_grad():
+            launch.forward(x, w, None, None, spec)
+
+    def unbound(fn):  # the same call with every launch through Triton's own path (kernel[grid])
+        def run():
+            prebound._enabled[0] = False
+            try:
+                fn()
+            finally:
+                prebound._enabled[0] = True
+        return run
+
+    def ours_fwd():
+        with torch.no_grad():
+            KernelFunction.apply(x, w, None, None, spec, "triton")
+
+    def ours_grad_fwd():
+        KernelFunction.apply(xg, w, None, None, spec, "triton")
+
+    def ours_round_trip():
+        KernelFunction.apply(xg, w, None, None, spec, "triton").backward(dy)
+
+    return {"kernel[grid]": launch_bare, "CompiledKernel.run": launch_prebound, "no-op forward": noop_fwd,
+            "no-op fwd+bwd": noop_round_trip, "launch.forward, kernel[grid]": unbound(ours_launch),
+            "launch.forward": ours_launch, "forward (no_grad)": ours_fwd, "forward (grad mode)": ours_grad_fwd,
+            "fwd+bwd, kernel[grid]": unbound(ours_round_trip), "fwd+bwd": ours_round_trip}
+
+
+def measure(out: Path | None) -> list[dict]:
+    import torch
+    import triton
+    import triton.language as tl
+
+    _activate_stub_driver()
+    import dataclasses
+
+    from rmsnorm.backends import registry
+    from rmsnorm.backends.triton import prebound
+
+    # CPU tensors stand in for CUDA ones: the triton backend must accept them as it accepts CUDA tensors
+    registry.register(dataclasses.replace(registry.get("triton"), devices=frozenset({"cuda", "cpu"})))
+    registry._AVAILABLE["triton"] = None
+    prebound.DEVICES.add("cpu")
+    from rmsnorm.bench.timing import measure_group
+
+    class Noop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            return x.view_as(x)
+
+        @staticmethod
+        def backward(ctx, dy):
+            return dy, None
+
+    @triton.jit
+    def copy(X, Y, N, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(Y + i, tl.load(X + i, mask=i < N), mask=i < N)
+
+    rows = []
+    torch.set_num_threads(1)
+    for m, n in SHAPES:
+        fns = _callables(m, n, Noop, copy)
+        timings = measure_group(fns, samples=15, budget_s=0.3)
+        base_f, base_rt = timings["no-op forward"].median_s, timings["no-op fwd+bwd"].median_s
+        for name, t in timings.items():
+            base = base_rt if "bwd" in name else base_f
+            rows.append({"m": m, "n": n, "dtype": "bfloat16", "what": name, "median_us": t.median_s * 1e6,
+                         "ratio_to_noop": t.median_s / base, "cpu": _cpu_name(), "torch": torch.__version__,
+                         "triton": triton.__version__})
+    print(f"host: {_cpu_name()}, torch {torch.__version__}, triton {triton.__version__}, 1 thread, bf16; ratios "
+          "to the no-op autograd.Function (forward rows: its forward; fwd+bwd rows: its round trip)")
+    print("| M×N | " + " | ".join(dict.fromkeys(r["what"] for r in rows)) + " |")
+    print("|---|" + "---|" * len(dict.fromkeys(r["what"] for r in rows)))
+    for m, n in SHAPES:
+        cells = [f"{r['median_us']:.1f} ({r['ratio_to_noop']:.2f})" for r in rows if (r["m"], r["n"]) == (m, n)]
+        print(f"| {m}×{n} | " + " | ".join(cells) + " |")
+    if out is not None:
+        out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None, help="write the rows as JSONL here")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child:
+        measure(args.out)
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        _build_stub(Path(tmp))
+        # the loader reads LD_LIBRARY_PATH at process start: the measurement runs in a child
+        env = dict(os.environ, LD_LIBRARY_PATH=f"{tmp}:{os.environ.get('LD_LIBRARY_PATH', '')}",
+                   TRITON_LIBCUDA_PATH=tmp, TRITON_CACHE_DIR=str(Path(tmp) / "triton-cache"),
+                   TRITON_DEFAULT_FP_FUSION="1")
+        env.pop("TRITON_INTERPRET", None)
+        child = [sys.executable, __file__, "--child"] + (["--out", str(args.out.resolve())] if args.out else [])
+        return subprocess.run(child, env=env).returncode
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

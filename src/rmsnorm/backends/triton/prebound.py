@@ -1,0 +1,92 @@
+"""Pre-bound launches of the Triton kernels: ``kernel[grid](*args, **consts)`` without Triton's per-call work.
+
+A Triton launch through ``JITFunction.run`` costs 12-16 µs of host time (option parsing, the device and
+stream lookups, specializing every argument, the cache key, launch metadata), about five times what the
+launch itself costs (``CompiledKernel.run``: 2.8 µs; both measured with Triton's real launcher by
+benchmarks/cuda_host_cost.py). :class:`Prebound` keeps, per specialization, the compiled kernel that
+Triton's own path chose on the first launch, and launches it directly afterwards.
+
+The cache key is finer than Triton's specialization (so a cached kernel is always the one Triton would
+pick): the device, every constexpr and launch option, every scalar argument's value, and per tensor its
+dtype and data pointer modulo 16 (Triton specializes ints on ==1, divisibility by 16 and int32 range,
+pointers on 16-byte alignment, dtypes by type). Scalars by value cost a Triton launch per new value once
+(a new M, say) and keep the key cheap to build.
+
+Not pre-bound (Triton's own path every time): the interpreter (``TRITON_INTERPRET=1``), launches while a
+Triton launch hook is set (profilers), and any Triton whose compiled kernels lack the launch fields used
+here; a launch that fails to bind turns pre-binding off for the process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+MAX_ENTRIES = 4096  # distinct launches remembered per kernel (then the cache starts over)
+_enabled = [os.environ.get("TRITON_INTERPRET", "0") != "1"]
+DEVICES = {"cuda"}  # device types launched pre-bound (benchmarks/cuda_host_cost.py adds "cpu" on its stub)
+
+
+_triton: tuple | None = None
+
+
+def _import_triton() -> tuple:
+    global _triton
+    from triton import knobs
+    from triton.runtime import driver
+
+    _triton = (knobs, driver)
+    return _triton
+
+
+def _hooked(rt: Any) -> bool:
+    """Whether a launch hook is set (None, or Triton 3.9's empty HookChain, means none)."""
+    for hook in (rt.launch_enter_hook, rt.launch_exit_hook):
+        if hook is not None and getattr(hook, "calls", True):
+            return True
+    return False
+
+
+class Prebound:
+    """``Prebound(kernel).launch(grid, args, consts, stream)``: the same launch as ``kernel[grid](*args,
+    **consts)``; ``args`` are the kernel's runtime arguments in order, ``consts`` its constexprs and launch
+    options (num_warps) by name."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self._cache: dict[tuple, tuple] = {}
+
+    def launch(self, grid: Sequence[int], args: tuple, consts: dict, device: torch.device) -> None:
+        if not _enabled[0] or device.type not in DEVICES:
+            self.kernel[grid](*args, **consts)
+            return
+        knobs, driver = _triton or _import_triton()
+        if _hooked(knobs.runtime):
+            self.kernel[grid](*args, **consts)
+            return
+        index = device.index if device.index is not None else driver.active.get_current_device()
+        key = (index, *consts.items(),
+               *[(a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args])
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) >= MAX_ENTRIES:
+                self._cache.clear()
+            compiled = self.kernel[grid](*args, **consts)  # Triton's own path: compiles, caches, launches
+            names = self.kernel.arg_names[len(args):]
+            if all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")) and all(
+                    n in consts for n in names):
+                self._cache[key] = (compiled, tuple(consts[n] for n in names))
+            return
+        compiled, tail = hit
+        g1 = grid[1] if len(grid) > 1 else 1
+        g2 = grid[2] if len(grid) > 2 else 1
+        stream = driver.active.get_current_stream(index)
+        try:
+            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                         *args, *tail)
+        except TypeError:  # a Triton whose launcher takes other arguments: its own path from now on
+            _enabled[0] = False
+            self.kernel[grid](*args, **consts)

@@ -1,0 +1,126 @@
+"""The pre-bound Triton launcher's bookkeeping, with a stand-in kernel (no GPU, no compilation): the first
+launch of a specialization goes through the kernel's own path, later ones straight to the compiled kernel's
+run with the constexprs appended in signature order; anything that could change Triton's choice is a new key."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from rmsnorm.backends.triton import prebound
+
+
+class FakeCompiled:
+    function, packed_metadata = "fn", "meta"
+
+    def __init__(self, log):
+        self.log = log
+
+    def run(self, *a):
+        self.log.append(("run", a))
+
+
+class FakeKernel:
+    arg_names = ("X", "N", "eps", "BLOCK", "FLAG")
+
+    def __init__(self):
+        self.log: list = []
+        self.compiled = FakeCompiled(self.log)
+
+    def __getitem__(self, grid):
+        def launch(*args, **consts):
+            self.log.append(("triton", grid, args, consts))
+            return self.compiled
+
+        return launch
+
+
+@pytest.fixture
+def cpu_prebound(monkeypatch):
+    monkeypatch.setattr(prebound, "DEVICES", {"cpu"})
+    monkeypatch.setattr(prebound, "_enabled", [True])
+
+    class Driver:
+        @staticmethod
+        def get_current_device():
+            return 0
+
+        @staticmethod
+        def get_current_stream(index):
+            return 7
+
+    class Runtime:
+        launch_enter_hook = launch_exit_hook = None
+
+    class Knobs:
+        runtime = Runtime
+
+    class Runtime_driver:
+        active = Driver
+
+    monkeypatch.setattr(prebound, "_triton", (Knobs, Runtime_driver))
+    return Knobs
+
+
+def test_second_launch_is_prebound_with_constexprs_in_order(cpu_prebound):
+    k = FakeKernel()
+    p = prebound.Prebound(k)
+    x = torch.zeros(64)
+    consts = {"FLAG": True, "BLOCK": 64, "num_warps": 4}
+    p.launch((3,), (x, 64, 1e-6), consts, x.device)
+    p.launch((3,), (x, 64, 1e-6), consts, x.device)
+    assert [e[0] for e in k.log] == ["triton", "run"]
+    assert k.log[1][1] == (3, 1, 1, 7, "fn", "meta", None, None, None, x, 64, 1e-6, 64, True)
+
+
+def test_anything_triton_specializes_on_is_a_new_key(cpu_prebound):
+    k = FakeKernel()
+    p = prebound.Prebound(k)
+    x = torch.zeros(65)
+    base = ((x, 64, 1e-6), {"FLAG": True, "BLOCK": 64, "num_warps": 4})
+    variants = [((x[1:], 64, 1e-6), base[1]),  # misaligned pointer
+                ((x.half(), 64, 1e-6), base[1]),  # dtype
+                ((x, 1, 1e-6), base[1]),  # an int that is 1
+                ((x, 48, 1e-6), base[1]),  # another int
+                (base[0], {"FLAG": False, "BLOCK": 64, "num_warps": 4}),
+                (base[0], {"FLAG": True, "BLOCK": 64, "num_warps": 8})]
+    p.launch((1,), *base, x.device)
+    for args, consts in variants:
+        p.launch((1,), args, consts, x.device)
+    assert all(e[0] == "triton" for e in k.log)
+    p.launch((1,), *base, x.device)
+    assert k.log[-1][0] == "run"
+
+
+def test_hooks_and_other_devices_take_tritons_path(cpu_prebound):
+    k = FakeKernel()
+    p = prebound.Prebound(k)
+    x = torch.zeros(64)
+    args, consts = (x, 64, 1e-6), {"FLAG": True, "BLOCK": 64}
+    p.launch((1,), args, consts, x.device)
+    cpu_prebound.runtime.launch_enter_hook = lambda *a: None
+    try:
+        p.launch((1,), args, consts, x.device)
+    finally:
+        cpu_prebound.runtime.launch_enter_hook = None
+    p.launch((1,), args, consts, torch.device("meta"))
+    assert [e[0] for e in k.log] == ["triton", "triton", "triton"]
+
+
+def test_a_launcher_that_does_not_bind_turns_prebinding_off(cpu_prebound):
+    k = FakeKernel()
+
+    def broken(*a):
+        raise TypeError("other launcher signature")
+
+    k.compiled.run = broken
+    p = prebound.Prebound(k)
+    x = torch.zeros(64)
+    args, consts = (x, 64, 1e-6), {"FLAG": True, "BLOCK": 64}
+    p.launch((1,), args, consts, x.device)
+    p.launch((1,), args, consts, x.device)
+    p.launch((1,), args, consts, x.device)
+    assert [e[0] for e in k.log] == ["triton", "triton", "triton"]
+    assert prebound._enabled == [False]
