@@ -11,7 +11,8 @@ memory. Kernels never run, so every time here is host time; nothing is read from
 
 Compared in one interleaved run (medians, see rmsnorm.bench.timing), as ratios to a no-op Python
 ``torch.autograd.Function`` (forward returns its input's view, backward returns its gradient):
-the backend's forward (no_grad), a grad-mode forward, and forward + backward through autograd, with the
+an ``rmsnorm.RMSNorm(backend="triton")`` module call (no_grad), a grad-mode call, and forward + backward
+through autograd, with the
 kernels launched pre-bound (rmsnorm.backends.triton.prebound) and, for comparison, through Triton's own
 ``kernel[grid]`` path. Also: one bare ``kernel[grid](...)`` launch and a pre-bound ``CompiledKernel.run``
 of a copy kernel.
@@ -70,8 +71,8 @@ def _callables(m: int, n: int, noop, copy) -> dict:
     import torch
     import triton
 
+    import rmsnorm
     from rmsnorm.backends.triton import launch, prebound
-    from rmsnorm.ops import KernelFunction
     from rmsnorm.spec import plain
 
     dtype = torch.bfloat16
@@ -111,15 +112,17 @@ def _callables(m: int, n: int, noop, copy) -> dict:
                 prebound._enabled[0] = True
         return run
 
+    module = rmsnorm.RMSNorm(n, eps=1e-6, dtype=dtype, backend="triton")
+
     def ours_fwd():
         with torch.no_grad():
-            KernelFunction.apply(x, w, None, None, spec, "triton")
+            module(x)
 
     def ours_grad_fwd():
-        KernelFunction.apply(xg, w, None, None, spec, "triton")
+        module(xg)
 
     def ours_round_trip():
-        KernelFunction.apply(xg, w, None, None, spec, "triton").backward(dy)
+        module(xg).backward(dy)
 
     return {"kernel[grid]": launch_bare, "CompiledKernel.run": launch_prebound, "no-op forward": noop_fwd,
             "no-op fwd+bwd": noop_round_trip, "launch.forward, kernel[grid]": unbound(ours_launch),

@@ -136,12 +136,17 @@ forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------- eager autograd
 
 
+def _backward_direct(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db, be: registry.Backend):
+    return be.backward(dy, dh, h, weight, bias, rstd, spec, need_dw, need_db)
+
+
 class KernelFunction(torch.autograd.Function):
-    """Eager-mode autograd over a backend's kernels (same math and saved state as the custom op)."""
+    """Eager-mode autograd over a backend's kernels (same math and saved state as the custom op); ``backend``
+    is the selected :class:`~rmsnorm.backends.registry.Backend`, which the backward calls directly."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, residual, spec, backend):
-        y, h, rstd = registry.get(backend).forward(x, weight, bias, residual, spec)
+    def forward(ctx, x, weight, bias, residual, spec, backend: registry.Backend):
+        y, h, rstd = backend.forward(x, weight, bias, residual, spec)
         _save(ctx, x, weight, bias, residual, h, rstd, spec, backend)
         ctx.set_materialize_grads(False)
         if h is None:
@@ -150,7 +155,7 @@ class KernelFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, dh=None):
-        dx, dw, db, dres = _input_grads(ctx, dy, dh, backward_impl)
+        dx, dw, db, dres = _input_grads(ctx, dy, dh, _backward_direct)
         return dx, dw, db, dres, None, None
 
 
@@ -188,7 +193,7 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
             residual = residual.clone() if residual is not None else None
         if be.autograd is not None:
             return be.autograd(x, weight, bias, residual, spec)
-        out = KernelFunction.apply(x, weight, bias, residual, spec, be.name)
+        out = KernelFunction.apply(x, weight, bias, residual, spec, be)
         return out if residual is not None else (out, None)
     y, h, _ = be.forward(x, weight, bias, residual, spec)
     return y, h

@@ -251,6 +251,20 @@ def _bwd_tiled(DY, DH, Hp, W, RSTD, S, DX, DWP, DBP, stride_dy, stride_dh, strid
 
 
 @triton.jit
+def _sum_partials(P, OUT, ROWS, N, BLOCK_N: tl.constexpr):
+    """OUT[j] = sum of P[r, j] over the ROWS partial rows, in row order (deterministic), accumulated in fp32
+    and stored once in OUT's dtype (the parameter's: no separate cast)."""
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    m = cols < N
+    acc = tl.zeros((BLOCK_N,), tl.float32)
+    p = P + cols
+    for _ in range(ROWS):
+        acc += tl.load(p, mask=m, other=0.0)
+        p += N  # pointer arithmetic: 64-bit, rows * N may pass 2^31
+    tl.store(OUT + cols, acc.to(OUT.dtype.element_ty), mask=m)
+
+
+@triton.jit
 def _team_sync(ARR, GEN, team, G, SYNC: tl.constexpr):
     """Barrier of the G programs of one team: a generation counter, so it resets itself (CUDA-graph safe).
 

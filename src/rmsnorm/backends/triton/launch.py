@@ -9,7 +9,7 @@ import triton
 import triton.language as tl
 
 from ...spec import Spec
-from . import kernels
+from . import kernels, prebound
 from .heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
 from .prebound import Prebound
 
@@ -17,7 +17,7 @@ from .prebound import Prebound
 FWD_ROWS, FWD_TEAM = Prebound(kernels._fwd_rows), Prebound(kernels._fwd_team)
 FWD_LOOPED, BWD_ROWS = Prebound(kernels._fwd_looped), Prebound(kernels._bwd_rows)
 BWD_TEAM, BWD_ROWDOT = Prebound(kernels._bwd_team), Prebound(kernels._bwd_rowdot)
-BWD_TILED = Prebound(kernels._bwd_tiled)
+BWD_TILED, SUM_PARTIALS = Prebound(kernels._bwd_tiled), Prebound(kernels._sum_partials)
 
 _TL = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -149,6 +149,7 @@ def _teams(kernel, args: tuple, consts: dict, g: int, rows: int, device: torch.d
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
              rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool, config: BwdConfig | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(dx, dw in the weight's dtype, db in fp32) of (M, N) rows."""
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
@@ -193,6 +194,23 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
             grid = (triton.cdiv(n, cfg.block_n), programs)
             BWD_TILED.launch(grid, (dy, d, h, w, rstd, s, dx, *parts, *strides, *scalars),
                              {"BLOCK_N": cfg.block_n, "num_warps": cfg.num_warps, **flags}, h.device)
-    dw = dwp.sum(0) if dwp is not None else None  # fixed-order reduction of per-program partials
-    db = dbp.sum(0) if dbp is not None else None
+    # in the weight's dtype on a GPU; in fp32 under the interpreter, whose fp32 -> bf16 stores truncate (the
+    # caller's .to() then rounds to nearest, as the GPU's store does)
+    dw_dtype = weight.dtype if weight is not None and h.device.type in prebound.DEVICES else torch.float32
+    dw = _sum_partials(dwp, dw_dtype) if dwp is not None else None
+    db = _sum_partials(dbp, torch.float32) if dbp is not None else None
     return dx, dw, db
+
+
+SUM_BLOCK = 1024
+
+
+def _sum_partials(part: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The column sums of per-program fp32 partials (rows in order: deterministic), in ``dtype``."""
+    rows, n = part.shape
+    if rows == 1 and dtype == torch.float32:
+        return part.view(n)
+    out = torch.empty((n,), dtype=dtype, device=part.device)
+    SUM_PARTIALS.launch((-(-n // SUM_BLOCK),), (part, out, rows, n), {"BLOCK_N": SUM_BLOCK, "num_warps": 4},
+                        part.device)
+    return out

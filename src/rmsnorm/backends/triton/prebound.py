@@ -27,7 +27,9 @@ import torch
 
 MAX_ENTRIES = 4096  # distinct launches remembered per kernel (then the cache starts over)
 _enabled = [os.environ.get("TRITON_INTERPRET", "0") != "1"]
-DEVICES = {"cuda"}  # device types launched pre-bound (benchmarks/cuda_host_cost.py adds "cpu" on its stub)
+# device types whose kernels run compiled (not interpreted), launched pre-bound (benchmarks/cuda_host_cost.py
+# adds "cpu" for its stand-in driver)
+DEVICES = {"cuda"}
 
 
 _triton: tuple | None = None
