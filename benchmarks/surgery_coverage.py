@@ -9,8 +9,8 @@ their gains randomized, and put through ``rmsnorm.accelerate`` (RMSNorm-like cla
 ``rmsnorm.convert(keep_bias=True)`` (LayerNorm subclasses, compared on zero-mean rows). Replaced modules
 are compared with the original on random input: fp32 max |Δ| relative to the output's scale, bf16
 identical or the max difference in bf16 ulps, and the fp32 input and weight gradients of one backward.
-This is per module, not per model: the model-level checks (logits of tiny models) are the tests in
-tests/test_surgery.py.
+This is per module, not per model: the model-level table (logits and gradients of tiny models) is made by
+benchmarks/surgery_models.py.
 """
 
 from __future__ import annotations
@@ -144,8 +144,8 @@ def main() -> int:
         "rows, where RMSNorm equals LayerNorm), and compared with the original: fp32 max |Δ| over (1 + max|y|), "
         "bf16 max difference in bf16 ulps, fp32 input and gain gradients of one backward (RMSNorm-like classes "
         "only: for LayerNorm subclasses convert() promises equal outputs on zero-mean rows, not equal gradients; "
-        "n/a). Model-level checks "
-        "(logits of tiny models) are in tests/test_surgery.py.",
+        "n/a). Model-level checks (logits and gradients of tiny models of every family) are in "
+        "[surgery-models.md](surgery-models.md).",
         "",
         f"{len(rows)} classes: {len(ok)} replaced and compared, {len(good)} within the targets (fp32 ≤ 1e-5, "
         f"bf16 ≤ 1 ulp, gradients ≤ 1e-4), {len(rows) - len(ok)} left with the reason.",

@@ -11,7 +11,8 @@ Presets (families, examples; numerics):
 - llama: Llama, Mistral, Mixtral, Qwen2/2.5/3, Phi-3, DeepSeek, Granite, GLM; fp32 statistics, the
   normalized x cast to the input dtype before the gain (cast="llama").
 - gemma: Gemma, Gemma 2/3, RecurrentGemma; gain 1 + w (offset=1), all fp32, output in the input dtype.
-- olmo: OLMo hybrid, FlexOlmo, AFMoE; all fp32 (gain included), output in the input dtype.
+- olmo: OLMo hybrid, FlexOlmo, AFMoE, Helium, Nemotron-H, Moshi; all fp32 (gain included, in fp32 or cast
+  to it), output in the input dtype.
 - gemma4: Gemma 3n/4 (``with_scale``); all fp32, optional gain, output in the input dtype.
 - t5: T5, LongT5, UMT5, Switch, Pix2Struct, Idefics; fp32 statistics, rounded to a half-precision gain's
   dtype, output in the gain's dtype (cast="t5": follows the gain through .to() / .half()).
@@ -55,14 +56,28 @@ def forward(self, x):
     output = output * (1.0 + self.weight.float())
     return output.type_as(x)
 """,
-    "olmo": """
+    "olmo": ("""
 def forward(self, hidden_states):
     input_dtype = hidden_states.dtype
     hidden_states = hidden_states.to(torch.float32)
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
     return (self.weight * hidden_states).to(input_dtype)
-""",
+""", """
+def forward(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    return (self.weight.to(torch.float32) * hidden_states).to(input_dtype)
+""", """
+def _norm(self, x):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+def forward(self, x):
+    output = self._norm(x.float())
+    output = output * self.weight.float()
+    return output.type_as(x)
+"""),
     "t5": """
 def forward(self, hidden_states):
     variance = hidden_states.to(torch.float32).pow(2).mean(-1, keepdim=True)
@@ -114,7 +129,9 @@ def _normalize(code: str, class_name: str | None = None) -> str:
     return text.replace(class_name, "CLS") if class_name else text
 
 
-_KNOWN = {_normalize(src): name for name, src in _FAMILIES.items()}
+# a family may be written several ways (the same numerics): each is recognised
+_KNOWN = {_normalize(src): name for name, srcs in _FAMILIES.items()
+          for src in ((srcs,) if isinstance(srcs, str) else srcs)}
 
 
 @functools.cache
