@@ -9,6 +9,7 @@ Timings are only comparable under one allocator, and every table says which.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes.util
 import os
 import platform
@@ -89,3 +90,25 @@ def rerun_under_tcmalloc(command: str, *, required: bool) -> None:
         return
     print(f"rmsnorm {command}: re-running under tcmalloc ({lib})", flush=True)
     reexec_under_tcmalloc(lib)
+
+
+@contextlib.contextmanager
+def silenced_output():
+    """Nothing written to file descriptors 1 and 2 inside reaches the terminal: the CPU kernel build's own
+    output (torch's banners, the compiler, ninja: torch puts what matters into the exception it raises), the
+    profiler's C++ log lines."""
+    fd = os.open(os.devnull, os.O_WRONLY)
+    saved = [os.dup(1), os.dup(2)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for f in (*saved, fd):
+            os.close(f)

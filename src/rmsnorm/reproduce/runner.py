@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..host import silenced_output
 from .atomic import atomic_json, atomic_save
 from .presets import Schedule
 from .stats import paired_ratio, within
@@ -220,7 +221,8 @@ def norm_share(task, device: str, backend: str | None, path: Path, steps: int = 
 
     for b in batches[:2]:
         step(b)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    # (the profiler's C++ side logs its start and stop to stderr: kept off the terminal)
+    with silenced_output(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         for b in batches:
             step(b)
     total = norm = 0.0

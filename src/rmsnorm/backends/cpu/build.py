@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch
 
+from ...host import silenced_output
+
 SOURCE = Path(__file__).with_name("kernel.cpp")
 ABI_VERSION = 4  # bump when the module's functions change
 
@@ -223,7 +225,7 @@ def _build(directory: Path, want: str, quiet: bool):
     start = time.monotonic()
     try:
         # -fopenmp: at::parallel_for is inline OpenMP code; the library then shares torch's libgomp.so.1.
-        with _captured():
+        with silenced_output():
             mod = cpp_load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=["-O3", "-fopenmp", *flags()],
                            extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as exc:
@@ -253,27 +255,6 @@ def _ticker(done: threading.Event, terminal) -> None:
             print(f"rmsnorm: still compiling the CPU kernels ({time.monotonic() - start:.0f} s)", file=terminal,
                   flush=True)
         terminal.close()
-
-
-@contextlib.contextmanager
-def _captured():
-    """Keep the build's own output (torch's banners, the compiler, ninja) off the user's terminal: torch puts
-    what matters into the exception it raises."""
-    fd = os.open(os.devnull, os.O_WRONLY)
-    saved = [os.dup(1), os.dup(2)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    try:
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.dup2(saved[0], 1)
-        os.dup2(saved[1], 2)
-        for f in (*saved, fd):
-            os.close(f)
 
 
 def status() -> str:
