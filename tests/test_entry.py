@@ -208,3 +208,35 @@ def test_forward_mode_ad_carries_tangents(grad):
         want = fwAD.unpack_dual(tm(d)).tangent
         for got in (m(d), rmsnorm.rms_norm(d, m.weight, eps=1e-6)):
             torch.testing.assert_close(fwAD.unpack_dual(got).tangent, want)
+
+
+@pytest.mark.parametrize("xd,rd", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                   (torch.bfloat16, torch.float32), (torch.float16, torch.float32)])
+@pytest.mark.parametrize("cast", ["fp32", "llama"])
+def test_residual_calls_are_the_python_paths_bit_for_bit(xd, rd, cast):
+    g = torch.Generator().manual_seed(3)
+    m = rmsnorm.RMSNorm(40, eps=1e-6, cast=cast, dtype=xd)
+    with torch.no_grad():
+        m.weight.copy_(torch.randn(40, generator=g))
+    x, r = torch.randn(6, 40, generator=g).to(xd), torch.randn(6, 40, generator=g).to(rd)
+    m(x, r)  # makes the entry
+    fast = m.__dict__["_entry"]
+    with torch.no_grad():
+        y, h = fast[0](fast[1], x, m.weight, None, r)
+        y0, h0 = rmsnorm.rms_norm(x, m.weight, eps=1e-6, cast=cast, residual=r, normalized_shape=40)
+        assert torch.equal(y, y0) and torch.equal(h, h0) and y.dtype == y0.dtype and h.dtype == rd
+    leaves = [t.clone().requires_grad_(True) for t in (x, r)]
+    y1, h1 = m(*leaves)
+    dy, dh = torch.randn(y1.shape, generator=g).to(y1.dtype), torch.randn(h1.shape, generator=g).to(h1.dtype)
+    ga = torch.autograd.grad((y1, h1), (*leaves, m.weight), (dy, dh))
+    leaves2 = [t.clone().requires_grad_(True) for t in (x, r)]
+    y2, h2 = rmsnorm.rms_norm(leaves2[0], m.weight, eps=1e-6, cast=cast, residual=leaves2[1], normalized_shape=40)
+    gb = torch.autograd.grad((y2, h2), (*leaves2, m.weight), (dy, dh))
+    assert torch.equal(y1, y2) and torch.equal(h1, h2)
+    for a, b in zip(ga, gb, strict=True):
+        assert torch.equal(a, b)
+    y3, h3 = rmsnorm.rms_norm(x, m.weight, eps=1e-6, cast=cast, residual=r)
+    y3, h3 = rmsnorm.rms_norm(x, m.weight, eps=1e-6, cast=cast, residual=r)  # the functional's entry
+    assert torch.equal(y3, y0) and torch.equal(h3, h0)
+    with pytest.raises(ValueError, match="residual must have the shape of x"):
+        m(x, r[:3])

@@ -69,7 +69,7 @@ def rms_norm(
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
     key = None
-    if residual is None and normalized_shape is None and not is_compiling():
+    if normalized_shape is None and not is_compiling():
         # The eager entry (CPU, backends/cpu/entry.py), one per set of options; the key holds the types of
         # the numbers so that eps=True never finds eps=1's entry (bools are refused on the checked path).
         key = (eps, eps.__class__, eps_mode, p, p.__class__, partial_rounding, offset, offset.__class__, cast,
@@ -80,9 +80,9 @@ def rms_norm(
         except TypeError:  # an unhashable argument: the checks below say what is wrong with it
             fast, key = None, None
         if fast:
-            y = fast[0](fast[1], x, weight, bias)
+            y = fast[0](fast[1], x, weight, bias, residual)
             if y is not None:
-                return y
+                return y  # (y, h) with a residual
         elif fast is not False:
             key = None  # known, and the entry cannot serve these options
     spec = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding, offset, cast,

@@ -98,15 +98,15 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]: ...
 
     def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
-        if residual is None and not is_compiling() and type(self) is RMSNorm:
+        if not is_compiling() and type(self) is RMSNorm:
             # The eager entry (CPU, backends/cpu/entry.py): one C++ call, or None for the paths below.
             # Parameters come straight from _parameters (a subclass made by parametrize has its own lookup).
             fast = self.__dict__.get("_entry")
             if fast:
                 params = self._parameters
-                y = fast[0](fast[1], x, params.get("weight"), params.get("bias"))
+                y = fast[0](fast[1], x, params.get("weight"), params.get("bias"), residual)
                 if y is not None:
-                    return y
+                    return y  # (y, x + residual) with a residual
             elif fast is None and type(x) is Tensor and x.device.type == "cpu":
                 self.__dict__["_entry"] = cpu_entry.make(
                     self.normalized_shape, self.eps, self.eps_mode, self.p, self.partial_rounding, self.offset,

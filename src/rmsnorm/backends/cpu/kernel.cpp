@@ -895,12 +895,18 @@ bool param_arg(PyObject* o, std::optional<at::Tensor>& out) {
 }
 
 // The call, or None for the Python path.
-py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo) {
+// The call, or None for the Python path: y, or (y, h) with a residual (h = x + residual).
+py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo, py::handle ro) {
   PyObject* xp = xo.ptr();
   if (!THPVariable_CheckExact(xp)) return py::none();
   const at::Tensor& x = THPVariable_Unpack(xp);
-  std::optional<at::Tensor> w, b;
+  std::optional<at::Tensor> w, b, r;
   if (!plain_cpu(x) || !param_arg(wo.ptr(), w) || !param_arg(bo.ptr(), b)) return py::none();
+  if (ro.ptr() != Py_None) {
+    if (!THPVariable_CheckExact(ro.ptr())) return py::none();
+    r = THPVariable_Unpack(ro.ptr());
+    if (!plain_cpu(*r) || r->sizes() != x.sizes() || r->_fw_grad(0).defined()) return py::none();
+  }
   if (!(c.named || g_auto_is_cpu)) return py::none();
   // forward-mode AD: the kernels carry no tangents (the Python path decomposes)
   if (x._fw_grad(0).defined() || (w && w->_fw_grad(0).defined()) || (b && b->_fw_grad(0).defined())) {
@@ -922,14 +928,14 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo) {
   const int64_t k = c.k_fixed > 0 ? c.k_fixed : partial_size(N, c.p, c.floor);
   if (N == 0 || k == 0) return py::none();
   // dtypes (rmsnorm.spec.round_to / out_dtype_for)
-  const at::ScalarType h_dtype = x.scalar_type();
+  const at::ScalarType h_dtype = r ? r->scalar_type() : x.scalar_type();
   Spec spec;
   spec.nd = nd;
   spec.k = k;
   spec.eps = c.has_eps ? c.eps : static_cast<double>(std::numeric_limits<float>::epsilon());
   spec.eps_outside = c.eps_outside;
   spec.offset = c.offset;
-  spec.residual = false;
+  spec.residual = r.has_value();
   at::ScalarType out = h_dtype;
   if (c.cast == CastMode::kLlama) {
     spec.round_to = is_half(h_dtype) ? h_dtype : at::ScalarType::Undefined;
@@ -944,12 +950,22 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo) {
   const int64_t numel = x.numel();
   const int64_t blocks = numel < c.parallel_min_elements ? 1 : at::get_num_threads();
   const bool stream = numel * static_cast<int64_t>(x.element_size()) >= c.stream_min_bytes;
-  const bool grad = at::GradMode::is_enabled() &&
-                    (x.requires_grad() || (w && w->requires_grad()) || (b && b->requires_grad()));
-  if (grad && x.is_inference()) return py::none();  // torch's module accepts it: the Python path clones
-  at::Tensor y = grad ? CpuKernelFunction::apply(x, w, b, std::nullopt, spec, blocks, stream)[0]
-                      : std::get<0>(::forward(x, w, b, std::nullopt, spec, blocks, stream, /*need_rstd=*/false));
-  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(y)));
+  const bool grad = at::GradMode::is_enabled() && (x.requires_grad() || (w && w->requires_grad()) ||
+                                                   (b && b->requires_grad()) || (r && r->requires_grad()));
+  if (grad && (x.is_inference() || (r && r->is_inference()))) {
+    return py::none();  // torch's module accepts it: the Python path clones
+  }
+  at::Tensor y, h;
+  if (grad) {
+    auto out_list = CpuKernelFunction::apply(x, w, b, r, spec, blocks, stream);
+    y = out_list[0];
+    if (r) h = out_list[1];
+  } else {
+    std::tie(y, h, std::ignore) = ::forward(x, w, b, r, spec, blocks, stream, /*need_rstd=*/false);
+  }
+  auto wrap = [](at::Tensor t) { return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t))); };
+  if (!r) return wrap(std::move(y));
+  return py::make_tuple(wrap(std::move(y)), wrap(std::move(h)));
 }
 
 }  // namespace
@@ -1020,6 +1036,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              }
              return c;
            }));
-  m.def("call", &call, "the eager entry: y, or None when the call needs the Python path");
+  m.def("call", &call, "the eager entry: y (or (y, h) with a residual), or None for the Python path",
+        py::arg("config"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual") = py::none());
   m.def("set_auto_is_cpu", &set_auto_is_cpu, "whether the automatic backend choice on CPU is this backend");
 }
