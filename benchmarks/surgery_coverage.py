@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rmsnorm
 
-NAME = re.compile(r"(RMSNorm|L2Norm|T5LayerNorm|LayerNorm)$")
+NAME = re.compile(r"(RMSNorm|L2Norm|T5LayerNorm|LayerNorm|RMSNormGated)$")
 
 
 def candidates(limit: int | None = None):
@@ -62,12 +62,32 @@ def candidates(limit: int | None = None):
 
 
 def instantiate(cls, d: int = 64):
-    for args in ((d,), ((d,),), ()):
+    for args, kwargs in (((d,), {}), (((d,),), {}), ((), {}), ((d,), {"group_size": 16})):
         try:
-            return cls(*args)
+            return cls(*args, **kwargs)
         except Exception:
             continue
     return None
+
+
+class WithGate(nn.Module):
+    """A gated norm called with a fixed gate (cast to the input's dtype), so it is called as norm(x)."""
+
+    def __init__(self, norm: nn.Module, z: torch.Tensor) -> None:
+        super().__init__()
+        self.norm = norm
+        self.register_buffer("z", z, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x, self.z.to(x.dtype))
+
+
+def gated(cls) -> bool:
+    """A gated norm: called as norm(x, gate)."""
+    try:
+        return "gate" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def check(family: str, cls) -> dict:
@@ -91,8 +111,11 @@ def check(family: str, cls) -> dict:
     new = holder["norm"]
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 5, 64, generator=g)
+    z = torch.randn(3, 5, 64, generator=g)
     if issubclass(cls, nn.LayerNorm):
         x = x - x.mean(-1, keepdim=True)  # convert() is exact on zero-mean rows only
+    if gated(cls):  # both called with the same gate
+        m, new = WithGate(m, z), WithGate(new, z)
     try:
         ref = m(x)
         out = new(x)

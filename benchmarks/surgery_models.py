@@ -87,6 +87,10 @@ def shrink(cfg) -> None:
     for heads, dim in (("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim")):
         if isinstance(v.get(heads), int) and isinstance(v.get(dim), int):  # heads x head dim = expand x hidden
             setattr(cfg, dim, int(v.get("mamba_expand", 2)) * SMALL["hidden_size"] // getattr(cfg, heads))
+    if all(isinstance(v.get(k), int) for k in ("expand", "num_heads", "head_dim")):  # Mamba-2
+        cfg.head_dim = cfg.expand * SMALL["hidden_size"] // cfg.num_heads
+    if all(isinstance(v.get(k), int) for k in ("mamba_expand", "mamba_headdim")):  # Zamba2
+        cfg.mamba_headdim = cfg.mamba_expand * SMALL["hidden_size"] // max(1, v.get("n_mamba_heads", 8) or 8)
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         v = vars(cfg).get(key)
         if isinstance(v, int) and v >= SMALL["vocab_size"]:

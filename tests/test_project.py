@@ -105,13 +105,13 @@ def test_model_level_surgery_script_runs_a_subset(tmp_path):
     replaced, logits and gradients within the targets, bitwise on the reference backend."""
     pytest.importorskip("transformers")
     out = tmp_path / "surgery-models.md"
-    fams = "llama,gemma,t5,umt5,qwen2,helium,moshi,nemotron_h,olmo2,mistral"
+    fams = "llama,gemma,t5,umt5,qwen2,helium,moshi,nemotron_h,olmo2,mistral,mamba2,qwen3_next"
     run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "surgery_models.py"), "--families", fams,
                           "--out", str(out)], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     text = out.read_text()
     m = re.search(r"(\d+) families: (\d+) built with at least one norm replaced and compared, (\d+) within", text)
-    assert m and int(m.group(1)) == 10 and int(m.group(2)) >= 8 and m.group(2) == m.group(3), text[:2000]
+    assert m and int(m.group(1)) == 12 and int(m.group(2)) >= 10 and m.group(2) == m.group(3), text[:2000]
     assert "**no**" not in text
 
 

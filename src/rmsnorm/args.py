@@ -15,6 +15,8 @@ import torch
 from .spec import Cast
 
 EPS_MODES = ("inside", "outside")
+GATE_MODES = ("before", "after")
+GATE_ACTS = ("silu", "sigmoid")
 CASTS = tuple(c.value for c in Cast)
 ROUNDINGS = ("ceil", "floor")
 FLOAT_DTYPES = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
@@ -155,3 +157,33 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
         raise TypeError(f"out_dtype must be a floating dtype (fp16, bf16, fp32, fp64), got {out_dtype}")
     return nd, n
+
+
+def check_gate(x: torch.Tensor, gate: torch.Tensor | None, gate_mode: str, gate_act: str, group_size: int | None,
+               residual: torch.Tensor | None, nd: int, n: int, p: float) -> int:
+    """Validate the gate and group options of a call; return the group size (0: the whole row)."""
+    if gate_mode not in GATE_MODES:
+        raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
+    if gate_act not in GATE_ACTS:
+        raise ValueError(f"gate_act must be one of {GATE_ACTS}, got {gate_act!r}")
+    if gate is not None:
+        _check_float_tensor("gate", gate)
+        if gate.shape != x.shape:
+            raise ValueError(f"gate must have the shape of x {tuple(x.shape)}, got {tuple(gate.shape)}")
+        if gate.device != x.device:
+            raise ValueError(f"gate is on {gate.device} but x is on {x.device}")
+        if residual is not None:
+            raise ValueError("gate and residual cannot be combined (normalize x + residual first, then gate)")
+    if group_size is None:
+        return 0
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
+    if nd != 1:
+        raise ValueError(f"group_size needs a 1-D normalized shape, got {nd} dims")
+    if n % group_size:
+        raise ValueError(f"group_size {group_size} does not divide the normalized size {n}")
+    if p < 1.0:
+        raise ValueError("group_size cannot be combined with p < 1")
+    if residual is not None:
+        raise ValueError("group_size and residual cannot be combined")
+    return group_size if group_size < n else 0

@@ -75,6 +75,49 @@ def normalize(h: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec)
     return xhat.to(spec.out_dtype)
 
 
+def gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, spec: Spec) -> Tensor:
+    """Gated and grouped RMSNorm (``spec.gate``, ``spec.group``), with the operations of the Hugging Face
+    implementations: a = act(z) in the compute dtype; "before": the norm of x * a; "after": u * a with u the
+    norm of x (rounded through ``spec.gate_round`` first); groups: the RMS over consecutive groups of a row."""
+    cd = compute_dtype(x.dtype)
+    a = None
+    if gate is not None:
+        zf = gate.to(cd)
+        a = F.silu(zf) if spec.gate_act == "silu" else torch.sigmoid(zf)
+    h = x.to(cd) * a if spec.gate == "before" and a is not None else x.to(cd)
+    nd = spec.normalized_ndim
+    flat = h.flatten(h.dim() - nd) if nd > 1 else h
+    n = flat.shape[-1]
+    g = spec.group or n
+    hg = flat.unflatten(-1, (n // g, g))
+    head = hg if spec.group or spec.k >= n else hg[..., : spec.k]
+    ms = head.square().mean(-1, keepdim=True)
+    if spec.eps_outside:
+        pos = ms > 0
+        xhat = hg / (torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos + spec.eps)
+    else:
+        xhat = hg * torch.rsqrt(ms + spec.eps)
+    xhat = xhat.flatten(-2).view(h.shape)
+    u = _affine(xhat, weight, bias, spec, cd, cd if spec.gate == "after" else spec.out_dtype)
+    if spec.gate != "after" or a is None:
+        return u
+    if spec.gate_round is not None:
+        u = u.to(spec.gate_round).to(cd)
+    return (u * a).to(spec.out_dtype)
+
+
+def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, cd: torch.dtype,
+            out: torch.dtype) -> Tensor:
+    """The cast's rounding, the gain and the bias on normalized rows, in ``out`` (as :func:`normalize` ends)."""
+    if spec.round_to is not None:
+        xhat = xhat.to(spec.round_to).to(cd)
+    if weight is not None:
+        xhat = xhat * (weight.to(cd) + spec.offset)
+    if bias is not None:
+        xhat = xhat + bias.to(cd)
+    return xhat.to(out)
+
+
 def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor | None, bias: Tensor | None,
                 spec: Spec, x_dtype: torch.dtype, needs: tuple[bool, bool, bool, bool]
                 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:

@@ -22,15 +22,18 @@ _ENTRIES: dict[tuple, cpu_entry.Entry | None] = {}
 def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
              eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
              residual: None = None, cast: str | Cast = "fp32", out_dtype: torch.dtype | None = None,
-             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None) -> Tensor: ...
+             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None,
+             gate: Tensor | None = None, gate_mode: str = "after", gate_act: str = "silu",
+             group_size: int | None = None) -> Tensor: ...
 
 
 @overload
 def rms_norm(x: Tensor, weight: Tensor | None = None, bias: Tensor | None = None, *, eps: float | None = 1e-6,
              eps_mode: str = "inside", p: float = 1.0, partial_rounding: str = "ceil", offset: float = 0.0,
              residual: Tensor, cast: str | Cast = "fp32", out_dtype: torch.dtype | None = None,
-             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None
-             ) -> tuple[Tensor, Tensor]: ...
+             backend: str | None = None, normalized_shape: int | Sequence[int] | None = None,
+             gate: Tensor | None = None, gate_mode: str = "after", gate_act: str = "silu",
+             group_size: int | None = None) -> tuple[Tensor, Tensor]: ...
 
 
 def rms_norm(
@@ -48,6 +51,10 @@ def rms_norm(
     out_dtype: torch.dtype | None = None,
     backend: str | None = None,
     normalized_shape: int | Sequence[int] | None = None,
+    gate: Tensor | None = None,
+    gate_mode: str = "after",
+    gate_act: str = "silu",
+    group_size: int | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """RMSNorm / partial RMSNorm of ``x`` over its trailing ``normalized_shape`` (N elements).
 
@@ -65,11 +72,19 @@ def rms_norm(
     The normalized shape is ``normalized_shape``, else weight's (or bias's) shape, else ``x.shape[-1:]``.
     The default eps=1e-6 differs from :class:`rmsnorm.RMSNorm`'s eps=None (torch.nn.RMSNorm's default);
     eps=None takes torch's default here too (machine epsilon of the fp32/fp64 compute dtype).
+    Gated RMSNorm (Mamba-2 / Qwen3-Next style), with ``gate`` z of x's shape and a = silu(z) (or
+    sigmoid, ``gate_act``) in fp32: ``gate_mode="before"`` normalizes x * a (the norm of the gated input);
+    ``gate_mode="after"`` returns u * a, u the norm's result (rounded to the cast's output dtype first with
+    cast="llama"/"t5", as ``weight * h.to(dtype)`` is), output in x's dtype unless ``out_dtype``.
+    ``group_size`` G takes the RMS over consecutive groups of G elements of each row (G divides N; a
+    1-D normalized shape, p = 1). Gates and groups are computed as plain torch ops (differentiable, fused
+    by torch.compile); they do not combine with a residual.
+
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.
     """
     key = None
-    if normalized_shape is None and not is_compiling():
+    if normalized_shape is None and gate is None and group_size is None and not is_compiling():
         # The eager entry (CPU, backends/cpu/entry.py), one per set of options; the key holds the types of
         # the numbers so that eps=True never finds eps=1's entry (bools are refused on the checked path).
         key = (eps, eps.__class__, eps_mode, p, p.__class__, partial_rounding, offset, offset.__class__, cast,
@@ -86,10 +101,10 @@ def rms_norm(
         elif fast is not False:
             key = None  # known, and the entry cannot serve these options
     spec = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding, offset, cast,
-                   out_dtype)
+                   out_dtype, gate, gate_mode, gate_act, group_size)
     if key is not None and type(x) is Tensor and x.device.type == "cpu" and len(_ENTRIES) < 256:
         _ENTRIES[key] = cpu_entry.make(None, eps, eps_mode, p, partial_rounding, offset, cast, out_dtype, backend)
-    y, h = run(x, weight, bias, residual, spec, backend)
+    y, h = run(x, weight, bias, residual, spec, backend, gate)
     if residual is not None:
         assert h is not None
         return y, h
@@ -98,7 +113,9 @@ def rms_norm(
 
 def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None,
             normalized_shape: int | Sequence[int] | None, eps: float | None, eps_mode: str, p: float,
-            partial_rounding: str, offset: float, cast: str | Cast, out_dtype: torch.dtype | None) -> Spec:
+            partial_rounding: str, offset: float, cast: str | Cast, out_dtype: torch.dtype | None,
+            gate: Tensor | None = None, gate_mode: str = "after", gate_act: str = "silu",
+            group_size: int | None = None) -> Spec:
     """Check every argument of ``rms_norm``; return the call's :class:`~rmsnorm.spec.Spec`."""
     _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
     ns = _args.normalized_tuple(normalized_shape) if normalized_shape is not None else None
@@ -111,5 +128,15 @@ def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Ten
         rounding, out = None, out_dtype or h_dtype
     else:
         rounding, out = round_to(cast, h_dtype, w_dtype), out_dtype or out_dtype_for(cast, h_dtype, w_dtype)
-    return Spec(nd, _args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
+    spec = Spec(nd, _args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
                 rounding, out, residual is not None)
+    if gate is None and group_size is None:
+        return spec
+    group = _args.check_gate(x, gate, gate_mode, gate_act, group_size, residual, nd, n, p)
+    if gate is not None and gate_mode == "after":
+        # u (the norm's result) keeps the cast's rounding to its own dtype, the gated output is x's dtype
+        u_dtype = out_dtype_for(cast, h_dtype, w_dtype)
+        gate_round = u_dtype if cast != Cast.FP32 and u_dtype in (torch.float16, torch.bfloat16) else None
+        return spec._replace(out_dtype=out_dtype or h_dtype, gate="after", gate_act=gate_act, group=group,
+                             gate_round=gate_round)
+    return spec._replace(gate=None if gate is None else "before", gate_act=gate_act, group=group)

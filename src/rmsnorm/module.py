@@ -47,9 +47,22 @@ class RMSNorm(nn.Module):
         cast: str | Cast = "fp32",
         out_dtype: torch.dtype | None = None,
         backend: str | None = None,
+        group_size: int | None = None,
+        gate_mode: str = "after",
+        gate_act: str = "silu",
     ) -> None:
         super().__init__()
         _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
+        if gate_mode not in _args.GATE_MODES:
+            raise ValueError(f"gate_mode must be one of {_args.GATE_MODES}, got {gate_mode!r}")
+        if gate_act not in _args.GATE_ACTS:
+            raise ValueError(f"gate_act must be one of {_args.GATE_ACTS}, got {gate_act!r}")
+        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                       or group_size < 1):
+            raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
+        self.group_size = group_size
+        self.gate_mode = gate_mode
+        self.gate_act = gate_act
         if backend is not None:
             registry.get(backend)  # an unknown name fails here, not at the first call
         self.backend = backend
@@ -92,12 +105,20 @@ class RMSNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     @overload
-    def forward(self, x: Tensor, residual: None = None) -> Tensor: ...
+    def forward(self, x: Tensor, residual: None = None, gate: Tensor | None = None) -> Tensor: ...
 
     @overload
-    def forward(self, x: Tensor, residual: Tensor) -> tuple[Tensor, Tensor]: ...
+    def forward(self, x: Tensor, residual: Tensor, gate: None = None) -> tuple[Tensor, Tensor]: ...
 
-    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor, residual: Tensor | None = None,
+                gate: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """y, or (y, x + residual) with a residual; ``gate``: gated RMSNorm (see :func:`rmsnorm.rms_norm`)."""
+        if gate is not None or self.group_size is not None:
+            return rms_norm(x, self.weight, self.bias, eps=self.eps, eps_mode=self.eps_mode, p=self.p,
+                            partial_rounding=self.partial_rounding, offset=self.offset, residual=residual,
+                            cast=self.cast, out_dtype=self.out_dtype, normalized_shape=self.normalized_shape,
+                            backend=self.backend, gate=gate, gate_mode=self.gate_mode, gate_act=self.gate_act,
+                            group_size=self.group_size)
         if not is_compiling() and type(self) is RMSNorm:
             # The eager entry (CPU, backends/cpu/entry.py): one C++ call, or None for the paths below.
             # Parameters come straight from _parameters (a subclass made by parametrize has its own lookup).
@@ -144,7 +165,7 @@ class RMSNorm(nn.Module):
                         backend=self.backend)
 
     _OPTIONS = frozenset({"eps", "p", "eps_mode", "partial_rounding", "offset", "cast", "out_dtype",
-                          "normalized_shape", "weight", "bias", "backend"})
+                          "normalized_shape", "weight", "bias", "backend", "group_size"})
 
     def __setattr__(self, name: str, value: Any) -> None:
         if name in RMSNorm._OPTIONS:
@@ -175,6 +196,10 @@ class RMSNorm(nn.Module):
             parts.append(f"out_dtype={self.out_dtype}")
         if self.backend is not None:
             parts.append(f"backend={self.backend!r}")
+        if self.group_size is not None:
+            parts.append(f"group_size={self.group_size}")
+        if self.gate_mode != "after" or self.gate_act != "silu" or type(self) is not RMSNorm:
+            parts.append(f"gate_mode={self.gate_mode!r}, gate_act={self.gate_act!r}")
         return ", ".join(parts)
 
     @classmethod
@@ -201,3 +226,14 @@ class RMSNorm(nn.Module):
             if has_bias and out.bias is not None:
                 out.bias.copy_(ln.bias)
         return out
+
+
+class GatedRMSNorm(RMSNorm):
+    """Gated RMSNorm as the Mamba-2 family (``gate_mode="before"``: the norm of x * silu(z), by groups of
+    ``group_size``) and the Qwen3-Next family (``"after"``: the norm times silu(z)) compute it, called as
+    those modules are: ``forward(x, gate=None)``. Same options as :class:`RMSNorm` (see
+    :func:`rmsnorm.rms_norm` for the gate's math); a call without a gate is a plain (grouped) RMSNorm.
+    """
+
+    def forward(self, x: Tensor, gate: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x, None, gate)

@@ -5,7 +5,8 @@ Dispatch table of :func:`run` (first match wins):
 ============================================  =========================================================
 the call                                      route
 ============================================  =========================================================
-jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite` (plain differentiable torch ops)
+gates and groups (gated RMSNorm)               :mod:`rmsnorm.composite` (plain differentiable torch ops)
+jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite`
 transforms, forward-mode AD, rows of zero
 elements
 torch.compile / torch.export / tensor          the custom op ``rmsnorm::forward`` (autograd registered;
@@ -167,8 +168,13 @@ def _decomposed() -> bool:
 
 
 def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor | None, spec: Spec,
-        backend: str | None) -> tuple[Tensor, Tensor | None]:
+        backend: str | None, gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Route one checked call (see the table in the module docstring); ``backend`` as the user named it."""
+    if not spec.kernel_plain:
+        if backend is not None and backend != "reference":
+            raise ValueError(f"backend={backend!r} has no gated or grouped kernel yet: use backend=None or "
+                             "'reference' (the call is computed as plain torch ops)")
+        return composite.gated(x, weight, bias, gate, spec), None
     if type(x) is not Tensor or torch.compiler.is_compiling():
         if spec.k == 0 or torch.onnx.is_in_onnx_export():
             return composite.forward(x, weight, bias, residual, spec)

@@ -84,13 +84,25 @@ class Spec(NamedTuple):
     round_to: torch.dtype | None
     out_dtype: torch.dtype
     residual: bool  # h = x + residual is normalized and returned as a second output
+    # Gated RMSNorm (Mamba-2, Qwen3-Next, ...), with a = act(z) in the compute dtype: "before" normalizes
+    # x * a; "after" multiplies the norm's result u by a (u first rounded through gate_round, if set).
+    gate: str | None = None  # None, "before" or "after"
+    gate_act: str = "silu"  # "silu" or "sigmoid"
+    group: int = 0  # > 0: the RMS is taken over consecutive groups of this many elements of a row
+    gate_round: torch.dtype | None = None  # "after": the dtype u is rounded to before the gate (None: none)
+
+    @property
+    def kernel_plain(self) -> bool:
+        """No gate and no groups: what the fused kernels run (the rest is decomposed)."""
+        return self.gate is None and self.group == 0
 
     def encode(self) -> str:
         """The spec as one string (the custom ops' argument); :func:`decode` inverts it exactly.
         Plain formatting (no cache), so that torch.compile traces it."""
         return (f"nd={self.normalized_ndim};k={self.k};eps={self.eps!r};eps_outside={int(self.eps_outside)};"
                 f"offset={self.offset!r};round_to={_dtype_name(self.round_to)};out={_dtype_name(self.out_dtype)};"
-                f"residual={int(self.residual)}")
+                f"residual={int(self.residual)};gate={self.gate or 'none'};act={self.gate_act};group={self.group};"
+                f"gate_round={_dtype_name(self.gate_round)}")
 
 
 def plain(out_dtype: torch.dtype, n: int = 1) -> Spec:
@@ -118,7 +130,9 @@ def decode(text: str) -> Spec:
         f = dict(item.split("=", 1) for item in text.split(";"))
         out = _dtype(f["out"])
         assert out is not None
+        gate = f.get("gate", "none")
         return Spec(int(f["nd"]), int(f["k"]), float(f["eps"]), f["eps_outside"] == "1", float(f["offset"]),
-                    _dtype(f["round_to"]), out, f["residual"] == "1")
+                    _dtype(f["round_to"]), out, f["residual"] == "1", None if gate == "none" else gate,
+                    f.get("act", "silu"), int(f.get("group", "0")), _dtype(f.get("gate_round", "none")))
     except (KeyError, ValueError, AssertionError):
         raise ValueError(f"not an rmsnorm spec: {text!r}") from None

@@ -22,6 +22,11 @@ Presets (families, examples; numerics):
 Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and records the full shape as
 ``ds_shape``) are shared as they are; the replacement takes its shape from ``ds_shape``.
 - torch: torch.nn.RMSNorm; torch's numerics (cast="fp32").
+- gated (replaced by rmsnorm.GatedRMSNorm, called as ``norm(x, gate)``): Mamba-2, Bamba, Zamba2,
+  Nemotron-H, GraniteMoeHybrid (the norm of x * silu(z) by groups, cast="llama"); Qwen3-Next, Qwen3.5,
+  OLMo hybrid (the norm, then times act(z), cast="llama"); Kimi Linear, Bailing hybrid, GLM-5 Next,
+  LaraMini (the same in fp32). Gates run as plain torch ops for now (the same operations as the
+  originals: identical numbers, no speed-up in eager mode; torch.compile fuses them).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import textwrap
 import torch
 from torch import nn
 
-from ..module import RMSNorm
+from ..module import GatedRMSNorm, RMSNorm
 from .report import SurgeryReport, set_submodule
 from .transaction import move_hooks, transaction
 
@@ -109,7 +114,44 @@ def forward(self, hidden_states):
         normed_output = normed_output * self.weight.float()
     return normed_output.type_as(hidden_states)
 """,
+    "gated_before": """
+def forward(self, hidden_states, gate=None):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    if gate is not None:
+        hidden_states = hidden_states * nn.functional.silu(gate.to(torch.float32))
+    *prefix_dims, last_dim = hidden_states.shape
+    group_count = last_dim // self.group_size
+    hidden_states_group = hidden_states.view(*prefix_dims, group_count, self.group_size)
+    variance = hidden_states_group.pow(2).mean(-1, keepdim=True)
+    hidden_states_group = hidden_states_group * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = hidden_states_group.view(*prefix_dims, group_count * self.group_size)
+    return self.weight * hidden_states.to(input_dtype)
+""",
+    "gated_after": """
+def forward(self, hidden_states, gate):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = self.weight * hidden_states.to(input_dtype)
+    hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+    return hidden_states.to(input_dtype)
+""",
+    "gated_after_fp32": """
+def forward(self, hidden_states, gate=None):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.to(torch.float32)
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = self.weight.to(torch.float32) * hidden_states
+    hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
+    return hidden_states.to(input_dtype)
+""",
 }
+
+# gated families: (gate_mode, cast); called as norm(x, gate), replaced by rmsnorm.GatedRMSNorm
+GATED = {"gated_before": ("before", "llama"), "gated_after": ("after", "llama"), "gated_after_fp32": ("after", "fp32")}
 
 
 def _normalize(code: str, class_name: str | None = None) -> str:
@@ -213,6 +255,16 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
             assert shape is not None
             cast, offset = FAMILY_NUMERICS[family]
             new = RMSNorm(shape, eps, cast=cast, offset=offset)
+        elif family in GATED:
+            assert shape is not None
+            mode, cast = GATED[family]
+            act = getattr(module, "activation", "silu")
+            if act not in ("silu", "sigmoid"):
+                raise ValueError(f"{type(module).__name__}'s gate activation {act!r} is not silu or sigmoid")
+            group = getattr(module, "group_size", None) if mode == "before" else None
+            if mode == "before" and not isinstance(group, int):
+                raise ValueError(f"{type(module).__name__} has no int group_size")
+            new = GatedRMSNorm(shape, eps, cast=cast, gate_mode=mode, gate_act=act, group_size=group)
         elif family == "gemma4":
             with_scale = bool(getattr(module, "with_scale", weight is not None))
             if shape is None:
@@ -262,5 +314,5 @@ def accelerate(model: nn.Module) -> SurgeryReport:
             hooks = move_hooks(module, new)
             set_submodule(model, name, new)
             moved = f", hooks moved: {', '.join(hooks)}" if hooks else ""
-            report.changed.append((name, f"{type(module).__name__} -> RMSNorm ({family} numerics){moved}"))
+            report.changed.append((name, f"{type(module).__name__} -> {type(new).__name__} ({family} numerics){moved}"))
     return report

@@ -970,7 +970,7 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo, py
 
 }  // namespace
 
-// rmsnorm.spec.Spec (a NamedTuple of 8 fields) -> Spec, read with the C API (this runs on every call).
+// rmsnorm.spec.Spec (a NamedTuple) -> Spec, read with the C API (this runs on every call).
 namespace pybind11::detail {
 template <>
 struct type_caster<Spec> {
@@ -982,8 +982,13 @@ struct type_caster<Spec> {
   }
   bool load(handle src, bool) {
     PyObject* t = src.ptr();
-    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) != 8) return false;
+    if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 8) return false;
     auto item = [t](Py_ssize_t i) { return PyTuple_GET_ITEM(t, i); };
+    // the gate fields (gate, gate_act, group, gate_round): these kernels run ungated, whole-row specs only
+    if (PyTuple_GET_SIZE(t) > 8 && (item(8) != Py_None || PyLong_AsLongLong(item(10)) != 0)) {
+      PyErr_Clear();
+      return false;
+    }
     value.nd = PyLong_AsLongLong(item(0));
     value.k = PyLong_AsLongLong(item(1));
     value.eps = PyFloat_AsDouble(item(2));
