@@ -130,7 +130,7 @@ def _callables(m: int, n: int, noop, copy) -> dict:
             "fwd+bwd, kernel[grid]": unbound(ours_round_trip), "fwd+bwd": ours_round_trip}
 
 
-def measure(out: Path | None) -> list[dict]:
+def measure(out: Path | None, quick: bool = False) -> list[dict]:
     import torch
     import triton
     import triton.language as tl
@@ -139,7 +139,7 @@ def measure(out: Path | None) -> list[dict]:
     import dataclasses
 
     from rmsnorm.backends import registry
-    from rmsnorm.backends.triton import prebound
+    from rmsnorm.backends.triton import launch, prebound
 
     # CPU tensors stand in for CUDA ones: the triton backend must accept them as it accepts CUDA tensors
     registry.register(dataclasses.replace(registry.get("triton"), devices=frozenset({"cuda", "cpu"})))
@@ -165,7 +165,8 @@ def measure(out: Path | None) -> list[dict]:
     torch.set_num_threads(1)
     for m, n in SHAPES:
         fns = _callables(m, n, Noop, copy)
-        timings = measure_group(fns, samples=15, budget_s=0.3)
+        timings = measure_group(fns, samples=3 if quick else 15, min_samples=3 if quick else 5,
+                                budget_s=0.01 if quick else 0.3)
         base_f, base_rt = timings["no-op forward"].median_s, timings["no-op fwd+bwd"].median_s
         for name, t in timings.items():
             base = base_rt if "bwd" in name else base_f
@@ -179,6 +180,9 @@ def measure(out: Path | None) -> list[dict]:
     for m, n in SHAPES:
         cells = [f"{r['median_us']:.1f} ({r['ratio_to_noop']:.2f})" for r in rows if (r["m"], r["n"]) == (m, n)]
         print(f"| {m}×{n} | " + " | ".join(cells) + " |")
+    hits = sum(len(p._cache) for p in vars(launch).values() if isinstance(p, prebound.Prebound))
+    print(f"pre-bound kernels: {hits} specializations cached, pre-binding "
+          f"{'on' if prebound._enabled[0] else 'OFF (the launcher did not bind)'}")
     if out is not None:
         out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return rows
@@ -187,10 +191,11 @@ def measure(out: Path | None) -> list[dict]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSONL here")
+    p.add_argument("--quick", action="store_true", help="a few samples only (a smoke test of the path)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        measure(args.out)
+        measure(args.out, args.quick)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         _build_stub(Path(tmp))
@@ -199,7 +204,8 @@ def main() -> int:
                    TRITON_LIBCUDA_PATH=tmp, TRITON_CACHE_DIR=str(Path(tmp) / "triton-cache"),
                    TRITON_DEFAULT_FP_FUSION="1")
         env.pop("TRITON_INTERPRET", None)
-        child = [sys.executable, __file__, "--child"] + (["--out", str(args.out.resolve())] if args.out else [])
+        child = [sys.executable, __file__, "--child"] + (["--out", str(args.out.resolve())] if args.out else []) + (
+            ["--quick"] if args.quick else [])
         return subprocess.run(child, env=env).returncode
 
 

@@ -124,3 +124,20 @@ def test_a_launcher_that_does_not_bind_turns_prebinding_off(cpu_prebound):
     p.launch((1,), args, consts, x.device)
     assert [e[0] for e in k.log] == ["triton", "triton", "triton"]
     assert prebound._enabled == [False]
+
+
+def test_prebound_launches_bind_to_tritons_real_launcher():
+    """benchmarks/cuda_host_cost.py --quick: Triton's real CUDA launcher against a stand-in libcuda, so that
+    a Triton whose launcher takes other arguments fails here rather than silently on a GPU."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cuda_host_cost.py"), "--quick"],
+                         capture_output=True, text=True, timeout=600, cwd=root)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "pre-binding on" in run.stdout, run.stdout[-2000:]
