@@ -31,17 +31,33 @@ def _hf(module: str, cls: str):
     return getattr(importlib.import_module(f"transformers.models.{module}.modeling_{module}"), cls)
 
 
+def _close(got, want):
+    """The fused kernels' targets: fp32 within 1e-5 of the scale, half precision within one ulp."""
+    assert got.dtype == want.dtype
+    scale = 1 + want.float().abs().max().item()
+    if want.dtype == torch.float32:
+        assert (got - want).abs().max().item() <= 1e-5 * scale
+    else:
+        ulp = torch.finfo(want.dtype).eps * want.float().abs().clamp_min(1e-3)
+        assert ((got.float() - want.float()).abs() <= ulp * 1.0001).all()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_mamba2_family_bit_for_bit(dtype):
+def test_mamba2_family(dtype):
+    """Bit for bit on the reference backend (the same torch operations); the fused kernels within targets."""
     hf = _hf("mamba2", "MambaRMSNormGated")(64, group_size=16, eps=1e-5).to(dtype)
-    ours = rmsnorm.GatedRMSNorm(64, eps=1e-5, group_size=16, gate_mode="before", cast="llama", dtype=dtype)
+    ours = {be: rmsnorm.GatedRMSNorm(64, eps=1e-5, group_size=16, gate_mode="before", cast="llama", dtype=dtype,
+                                     backend=be) for be in ("reference", "cpu")}
     with torch.no_grad():
         hf.weight.normal_()
-        ours.weight.copy_(hf.weight)
+        for m in ours.values():
+            m.weight.copy_(hf.weight)
     x, z = torch.randn(3, 5, 64).to(dtype), torch.randn(3, 5, 64).to(dtype)
     for gate in (z, None):
-        want, got = hf(x, gate), ours(x, gate)
+        want = hf(x, gate)
+        got = ours["reference"](x, gate)
         assert got.dtype == want.dtype and torch.equal(got, want)
+        _close(ours["cpu"](x, gate), want)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -54,9 +70,14 @@ def test_norm_then_gate_families_bit_for_bit(module, cls, cast, dtype):
     with torch.no_grad():
         hf.weight.normal_()
     x, z = torch.randn(4, 48).to(dtype), torch.randn(4, 48).to(dtype)
-    got = rmsnorm.rms_norm(x, hf.weight, eps=1e-6, gate=z, gate_mode="after", gate_act=hf.activation, cast=cast)
     want = hf(x, z)
-    assert got.dtype == want.dtype and torch.equal(got, want)
+    for backend in ("reference", "cpu"):
+        got = rmsnorm.rms_norm(x, hf.weight, eps=1e-6, gate=z, gate_mode="after", gate_act=hf.activation, cast=cast,
+                               backend=backend)
+        if backend == "reference":
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        else:
+            _close(got, want)
 
 
 @pytest.mark.parametrize("mode", ["before", "after"])
@@ -104,7 +125,7 @@ def test_refusals_name_the_argument():
     with pytest.raises(TypeError, match="group_size must be a positive int"):
         rmsnorm.RMSNorm(12, group_size=0)
     with pytest.raises(ValueError, match="no gated or grouped kernel"):
-        rmsnorm.rms_norm(x, w, gate=x, backend="cpu")
+        rmsnorm.rms_norm(x, w, gate=x, backend="triton")
     torch.testing.assert_close(rmsnorm.rms_norm(x, w, gate=x, backend="reference"), rmsnorm.rms_norm(x, w, gate=x))
 
 
@@ -129,7 +150,59 @@ def test_accelerate_replaces_gated_norms_with_identical_numbers(module, cls, kwa
     report = rmsnorm.accelerate(holder)
     assert len(report.changed) == 1 and isinstance(holder["norm"], rmsnorm.GatedRMSNorm), str(report)
     assert holder["norm"].weight is hf.weight  # shared, not copied
+    from rmsnorm.backends import registry
+
     for dtype in (torch.float32, torch.bfloat16):
         a, b = copy.deepcopy(original).to(dtype), copy.deepcopy(holder["norm"]).to(dtype)
         x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
-        assert torch.equal(a(x, z), b(x, z))
+        _close(b(x, z), a(x, z))
+        registry.set_default("reference")
+        try:
+            assert torch.equal(a(x, z), b(x, z))
+        finally:
+            registry.set_default(None)
+
+
+@pytest.mark.parametrize("mode", ["before", "after", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("opts", [dict(group_size=8, cast="llama"), dict(eps_mode="outside", offset=1.0, bias=True),
+                                  dict(gate_act="sigmoid", cast="llama", bias=True), dict(p=0.5)])
+def test_cpu_kernels_match_the_reference(mode, dtype, opts, poison):
+    """The fused gated kernels against the decomposition: outputs, and gradients of every input."""
+    opts = dict(opts)
+    if mode is None and "group_size" not in opts:
+        opts["group_size"] = 4  # no gate: a grouped call
+    if "group_size" in opts and opts.get("p", 1.0) < 1:
+        return
+    bias = opts.pop("bias", False)
+    g = torch.Generator().manual_seed(11)
+    x, z = (torch.randn(7, 3, 40, generator=g) * 2).to(dtype), torch.randn(7, 3, 40, generator=g).to(dtype)
+    w, b = torch.randn(40, generator=g).to(dtype), (torch.randn(40, generator=g).to(dtype) if bias else None)
+    kw = dict(eps=1e-5, gate=z if mode else None, gate_mode=mode or "after", **opts)
+    outs, grads = {}, {}
+    for backend in ("cpu", "reference"):
+        leaves = [t.clone().requires_grad_(True) if t is not None else None for t in (x, w, b, kw["gate"])]
+        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], backend=backend, **{**kw, "gate": leaves[3]})
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(3)).to(y.dtype)
+        outs[backend] = y
+        grads[backend] = torch.autograd.grad(y, [t for t in leaves if t is not None], dy)
+    tol = 1e-5 if dtype == torch.float32 else 2 * torch.finfo(dtype).eps
+    scale = 1 + outs["reference"].float().abs().max().item()
+    assert outs["cpu"].dtype == outs["reference"].dtype
+    assert (outs["cpu"].float() - outs["reference"].float()).abs().max().item() <= tol * scale
+    for a, c in zip(grads["cpu"], grads["reference"], strict=True):
+        s_ = 1 + c.float().abs().max().item()
+        assert a.dtype == c.dtype and (a.float() - c.float()).abs().max().item() <= 4 * tol * s_ * (7 * 3) ** 0.5
+
+
+def test_double_backward_through_the_gated_kernels():
+    g = torch.Generator().manual_seed(2)
+    x, z, w = torch.randn(4, 16, generator=g), torch.randn(4, 16, generator=g), torch.randn(16, generator=g)
+    res = {}
+    for backend in ("cpu", "reference"):
+        xs, zs, ws = (t.clone().requires_grad_(True) for t in (x, z, w))
+        y = rmsnorm.rms_norm(xs, ws, gate=zs, gate_mode="before", group_size=4, backend=backend)
+        (gx,) = torch.autograd.grad(y.square().sum(), xs, create_graph=True)
+        res[backend] = torch.autograd.grad(gx.sum(), (xs, zs, ws))
+    for a, c in zip(res["cpu"], res["reference"], strict=True):
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)

@@ -77,8 +77,9 @@ def rms_norm(
     ``gate_mode="after"`` returns u * a, u the norm's result (rounded to the cast's output dtype first with
     cast="llama"/"t5", as ``weight * h.to(dtype)`` is), output in x's dtype unless ``out_dtype``.
     ``group_size`` G takes the RMS over consecutive groups of G elements of each row (G divides N; a
-    1-D normalized shape, p = 1). Gates and groups are computed as plain torch ops (differentiable, fused
-    by torch.compile); they do not combine with a residual.
+    1-D normalized shape, p = 1). Gated and grouped calls run on the cpu backend's fused kernels for CPU
+    tensors, else as plain torch ops (the reference backend, other devices, torch.compile, transforms);
+    they do not combine with a residual.
 
     Returns y, or (y, h) when ``residual`` is given; h has residual's dtype. ``backend=None`` picks the
     fastest available backend (or $RMSNORM_BACKEND); a named backend that cannot run the input raises.

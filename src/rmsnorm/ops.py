@@ -5,7 +5,8 @@ Dispatch table of :func:`run` (first match wins):
 ============================================  =========================================================
 the call                                      route
 ============================================  =========================================================
-gates and groups (gated RMSNorm)               :mod:`rmsnorm.composite` (plain differentiable torch ops)
+gates and groups (gated RMSNorm)               the cpu backend's gated kernels (plain CPU tensors), else
+                                               :mod:`rmsnorm.composite` (plain differentiable torch ops)
 jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite`
 transforms, forward-mode AD, rows of zero
 elements
@@ -160,6 +161,35 @@ class KernelFunction(torch.autograd.Function):
         return dx, dw, db, dres, None, None
 
 
+def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, spec: Spec,
+           backend: str | None) -> Tensor:
+    """A gated or grouped call: the fused CPU kernels for plain CPU tensors they serve, else plain torch ops
+    (:func:`rmsnorm.composite.gated`: torch.compile, subclasses, transforms, other devices, the reference
+    backend)."""
+    name = backend or registry.default()
+    if name not in (None, "cpu", "reference"):
+        raise ValueError(f"backend={name!r} has no gated or grouped kernel yet: use 'cpu' or 'reference' (or None)")
+    tensors = [t for t in (x, weight, bias, gate) if t is not None]
+    if (name == "reference" or torch.compiler.is_compiling() or _decomposed() or x.device.type != "cpu"
+            or any(type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
+            or any(t.dtype not in _CPU_GATED_DTYPES for t in tensors) or spec.out_dtype not in _CPU_GATED_DTYPES
+            or x.numel() == 0 or registry.get("cpu").unavailable_reason() is not None):
+        if name == "cpu" and x.device.type != "cpu":
+            raise ValueError(f"backend='cpu' cannot handle x on {x.device}")
+        return composite.gated(x, weight, bias, gate, spec)
+    from .backends import cpu
+
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        if x.is_inference() or (gate is not None and gate.is_inference()):  # cannot be saved for backward
+            x = x.clone()
+            gate = gate.clone() if gate is not None else None
+        return cpu.gated_autograd(x, weight, bias, gate, spec)
+    return cpu.gated_forward(x, weight, bias, gate, spec)
+
+
+_CPU_GATED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+
+
 def _decomposed() -> bool:
     """Calls the kernels cannot serve: jit tracing (and the legacy ONNX exporter), torch.func transforms,
     forward-mode AD (inside ``torch.autograd.forward_ad.dual_level``: the kernels carry no tangents)."""
@@ -171,10 +201,7 @@ def run(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Tensor 
         backend: str | None, gate: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
     """Route one checked call (see the table in the module docstring); ``backend`` as the user named it."""
     if not spec.kernel_plain:
-        if backend is not None and backend != "reference":
-            raise ValueError(f"backend={backend!r} has no gated or grouped kernel yet: use backend=None or "
-                             "'reference' (the call is computed as plain torch ops)")
-        return composite.gated(x, weight, bias, gate, spec), None
+        return _gated(x, weight, bias, gate, spec, backend), None
     if type(x) is not Tensor or torch.compiler.is_compiling():
         if spec.k == 0 or torch.onnx.is_in_onnx_export():
             return composite.forward(x, weight, bias, residual, spec)

@@ -32,6 +32,49 @@ def autograd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | 
     return out[0], (out[1] if residual is not None else None)
 
 
+def gated_forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                  gate: torch.Tensor | None, spec: Spec) -> torch.Tensor:
+    """A gated or grouped call (``spec.kernel_plain`` is False) without autograd."""
+    return build.module().forward_gated(x, weight, bias, gate, spec, *launch(x))[0]
+
+
+class GatedFunction(torch.autograd.Function):
+    """Autograd over the fused gated kernels; a backward with create_graph=True (grad mode on inside it)
+    differentiates :func:`rmsnorm.composite.gated` instead, so higher derivatives stay exact."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gate, spec):
+        blocks, stream = launch(x)
+        y, rstd = build.module().forward_gated(x, weight, bias, gate, spec, blocks, stream)
+        ctx.save_for_backward(x, weight, bias, gate, rstd)
+        ctx.spec, ctx.launch = spec, (blocks, stream)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, gate, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            # create_graph=True: the decomposition, differentiated on the saved inputs themselves, so that the
+            # gradients are functions of them
+            from ...composite import gated
+
+            inputs = [t for t, need in zip((x, weight, bias, gate), needs, strict=True) if need]
+            got = iter(torch.autograd.grad(gated(x, weight, bias, gate, ctx.spec), inputs, dy, create_graph=True))
+            return (*(next(got) if need else None for need in needs), None)
+        need_dw = weight is not None and needs[1]
+        need_db = bias is not None and needs[2]
+        dx, dz, dw, db = build.module().backward_gated(dy, x, weight, bias, gate, rstd, ctx.spec, need_dw, need_db,
+                                                       *ctx.launch)
+        return (dx if needs[0] else None, dw if need_dw else None, db if need_db else None,
+                dz if gate is not None and needs[3] else None, None)
+
+
+def gated_autograd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                   gate: torch.Tensor | None, spec: Spec) -> torch.Tensor:
+    return GatedFunction.apply(x, weight, bias, gate, spec)
+
+
 BACKEND = register(Backend(
     name="cpu",
     priority=10,

@@ -31,8 +31,12 @@ struct Spec {
   at::ScalarType round_to = at::ScalarType::Undefined;  // Undefined: no rounding before the gain
   at::ScalarType out_dtype = at::kFloat;
   bool residual = false;
+  // gated RMSNorm (rmsnorm/spec.py): gate 0 none, 1 "before", 2 "after"; act 0 silu, 1 sigmoid; group > 0:
+  // the RMS over groups of that many elements; gate_round: "after" rounds the norm's result through it
+  int64_t gate = 0, act = 0, group = 0;
+  at::ScalarType gate_round = at::ScalarType::Undefined;
 
-  // For an autograd node's saved_data (which holds IValues) and back.
+  // For an autograd node's saved_data (which holds IValues) and back (ungated specs only reach the node).
   c10::IValue pack() const {
     return c10::ivalue::Tuple::create({nd, k, eps, eps_outside, offset, static_cast<int64_t>(round_to),
                                        static_cast<int64_t>(out_dtype), residual});
@@ -251,6 +255,32 @@ struct NoCascade {
   inline float total(const fVec& s0, const fVec& s1) const { return hsum(s0 + s1); }
 };
 
+// The gate of a gated call (forward_rows / backward_rows with GATED): z read in its own dtype, a = act(z)
+// with torch's formulas (silu: z / (1 + exp(-z)), sigmoid: 1 / (1 + exp(-z))), so a is torch's value.
+struct Gate {
+  const void* z = nullptr;  // rows of N elements, row stride N (contiguous)
+  at::ScalarType tz = at::kFloat;
+  int64_t mode = 0, act = 0;  // as Spec::gate, Spec::act
+  at::ScalarType round = at::ScalarType::Undefined;  // Spec::gate_round
+  int64_t period = 1;  // rows per gain row (groups of a row are rows here; the gain row is r % period)
+
+  void load(int64_t r, int64_t N, int64_t j, int64_t n, fVec& a, fVec& b) const {
+    switch (tz) {
+      case at::kBFloat16: ::load(static_cast<const c10::BFloat16*>(z) + r * N + j, a, b, n); break;
+      case at::kHalf: ::load(static_cast<const c10::Half*>(z) + r * N + j, a, b, n); break;
+      default: ::load(static_cast<const float*>(z) + r * N + j, a, b, n);
+    }
+  }
+  static fVec sigmoid(const fVec& v) { return (fVec(1.f) + v.neg().exp()).reciprocal(); }
+  fVec value(const fVec& v) const {  // act(z)
+    return act == 0 ? v / (fVec(1.f) + v.neg().exp()) : sigmoid(v);
+  }
+  fVec slope(const fVec& v) const {  // act'(z): silu' = s (1 + z (1 - s)), sigmoid' = s (1 - s)
+    const fVec sg = sigmoid(v), one(1.f);
+    return act == 0 ? sg * (one + v * (one - sg)) : sg * (one - sg);
+  }
+};
+
 struct Fwd {
   const void* x; int64_t sx;
   const void* res; int64_t sres;
@@ -258,6 +288,7 @@ struct Fwd {
   const float* g; const float* bias;
   int64_t N, k; float eps; bool eps_outside; at::ScalarType round_to;
   bool stream;  // non-temporal stores of y and h
+  Gate gate;
 };
 
 // TX: x, TH: the normalized tensor (residual's dtype with RES, else x's), TO: output.
@@ -265,7 +296,9 @@ struct Fwd {
 // from memory and its sum of squares accumulated (its elements past k are prefetched), so reads and writes
 // stream concurrently. With RES, h = x + residual of a row goes to the h output and to one of two
 // `scratch` rows (2*N elements, in cache) that the output loop reads.
-template <typename TX, typename TH, typename TO, bool RES, bool LONG>
+// GATED: the gated / grouped call (Fwd::gate; no residual): "before" multiplies each x by act(z) where it
+// is read, "after" multiplies the output by act(z); the gain row of row r is r % gate.period.
+template <typename TX, typename TH, typename TO, bool RES, bool LONG, bool GATED = false>
 void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
   const int64_t N = a.N, k = a.k;
   auto xrow = [&](int64_t r) { return static_cast<const TX*>(a.x) + r * a.sx; };
@@ -299,6 +332,14 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
       }
       fVec p, q;
       load(x + j, p, q, std::min(n, k - j));
+      if constexpr (GATED) {
+        if (a.gate.mode == 1) {
+          fVec z0, z1;
+          a.gate.load(r, N, j, std::min(n, k - j), z0, z1);
+          p = p * a.gate.value(z0);
+          q = q * a.gate.value(z1);
+        }
+      }
       s0 = at::vec::fmadd(p, p, s0);
       s1 = at::vec::fmadd(q, q, s1);
     }
@@ -318,6 +359,13 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     const fVec vr(rs);
     const TH* h = src(r);
     TO* y = static_cast<TO*>(a.y) + r * N;
+    const float* grow = a.g;
+    const float* brow = a.bias;
+    if constexpr (GATED) {
+      const int64_t off = (r % a.gate.period) * N;
+      grow += off;
+      if (brow) brow += off;
+    }
     const bool st = a.stream && can_stream(y);
     const bool next = r + 1 < r1;
     fVec n0(0.f), n1(0.f);
@@ -327,19 +375,37 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
         stage_a(r + 1, j, n, n0, n1);
         cas.step(n0, n1, j, n);
       }
-      fVec p, q, g0, g1;
+      fVec p, q, g0, g1, a0, a1;
       load(h + j, p, q, n);
+      if constexpr (GATED) {
+        if (a.gate.mode != 0) {
+          a.gate.load(r, N, j, n, a0, a1);
+          a0 = a.gate.value(a0);
+          a1 = a.gate.value(a1);
+          if (a.gate.mode == 1) {
+            p = p * a0;
+            q = q * a1;
+          }
+        }
+      }
       p = p * vr;
       q = q * vr;
       round_through(a.round_to, p, q);
-      load(a.g + j, g0, g1, n);
+      load(grow + j, g0, g1, n);
       p = p * g0;
       q = q * g1;
-      if (a.bias) {
+      if (brow) {
         fVec b0, b1;
-        load(a.bias + j, b0, b1, n);
+        load(brow + j, b0, b1, n);
         p = p + b0;
         q = q + b1;
+      }
+      if constexpr (GATED) {
+        if (a.gate.mode == 2) {
+          round_through(a.gate.round, p, q);
+          p = p * a0;
+          q = q * a1;
+        }
       }
       store(y + j, p, q, n, st);
     });
@@ -410,20 +476,49 @@ struct Bwd {
   bool stream;  // non-temporal stores of dx
   float* levels_dw = nullptr;  // per block: ColumnSums levels (set per block by the caller)
   float* levels_db = nullptr;
+  Gate gate;  // GATED: the gate; h is x itself (no residual)
+  const float* bias = nullptr;  // GATED "after": the bias (the gate's gradient needs the norm's output)
+  void* dz = nullptr;  // GATED with a gate: the gate's gradient, z's dtype, rows of N
 };
 
 // TH: the normalized tensor and its gradient, TO: dy (the output's dtype). Pipelined like the forward:
 // the dot product S of row r+1 (reading h and dy from memory) runs inside row r's gradient loop.
-template <typename TH, typename TO, bool HAS_DH, bool LONG>
+// GATED (no dh): with a = act(z), "before" normalizes h' = x * a, so dx = d * a and dz = d * x * act'(z)
+// for d the gradient of h'; "after" differentiates u * a: dy' = dy * a goes into the norm and
+// dz = dy * u * act'(z), u recomputed as the forward made it. Gain rows repeat with gate.period; with
+// period > 1 the dW/db partials have period * N columns and no cascade (the caller passes no levels).
+template <typename TH, typename TO, bool HAS_DH, bool LONG, bool GATED = false>
 void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   const int64_t N = a.N;
   auto hrow = [&](int64_t r) { return static_cast<const TH*>(a.h) + r * a.sh; };
   auto dyrow = [&](int64_t r) { return static_cast<const TO*>(a.dy) + r * a.sdy; };
+  auto gain = [&](int64_t r) {
+    if constexpr (GATED) return a.g + (r % a.gate.period) * N;
+    else return a.g;
+  };
+  // GATED: h' (the normalized input) and dy' (the norm's output gradient) of row r at [j, j+n), and act(z)
+  auto gated = [&](int64_t r, int64_t j, int64_t n, fVec& p, fVec& q, fVec& u, fVec& v, fVec& a0, fVec& a1) {
+    if (a.gate.mode == 0) return;
+    a.gate.load(r, N, j, n, a0, a1);
+    a0 = a.gate.value(a0);
+    a1 = a.gate.value(a1);
+    if (a.gate.mode == 1) {
+      p = p * a0;
+      q = q * a1;
+    } else {
+      u = u * a0;
+      v = v * a1;
+    }
+  };
   auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
     fVec p, q, u, v, g0, g1;
     load(hrow(r) + j, p, q, n);
     load(dyrow(r) + j, u, v, n);
-    load(a.g + j, g0, g1, n);
+    load(gain(r) + j, g0, g1, n);
+    if constexpr (GATED) {
+      fVec a0, a1;
+      gated(r, j, n, p, q, u, v, a0, a1);
+    }
     s0 = at::vec::fmadd(u * g0, p, s0);
     s1 = at::vec::fmadd(v * g1, q, s1);
     if constexpr (HAS_DH) prefetch(static_cast<const TH*>(a.dh) + r * a.sdh + j, n * static_cast<int64_t>(sizeof(TH)));
@@ -456,6 +551,14 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     cas.blocks = 0;
     const int64_t k = a.k;
     const fVec zero(0.f);
+    const float* grow = gain(r);
+    float* dwr = dw;
+    float* dbr = db;
+    if constexpr (GATED) {
+      const int64_t off = (r % a.gate.period) * N;
+      if (dwr) dwr += off;
+      if (dbr) dbr += off;
+    }
     steps(0, N, [&](int64_t j, int64_t n) {
       if (next) {
         stage_a(r + 1, j, n, n0, n1);
@@ -464,7 +567,12 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
       fVec p, q, u, v, g0, g1;
       load(h + j, p, q, n);
       load(dy + j, u, v, n);
-      load(a.g + j, g0, g1, n);
+      load(grow + j, g0, g1, n);
+      fVec x0, x1, y0, y1, a0, a1;  // GATED: x and dy as read, act(z)
+      if constexpr (GATED) {
+        x0 = p, x1 = q, y0 = u, y1 = v;
+        gated(r, j, n, p, q, u, v, a0, a1);
+      }
       fVec d0 = u * g0 * vr, d1 = v * g1 * vr;
       if (j + n <= k) {  // the statistic's gradient reaches the first k elements only
         d0 = at::vec::fnmadd(p, vcs, d0);
@@ -480,19 +588,52 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
         d0 = d0 + e0;
         d1 = d1 + e1;
       }
+      if constexpr (GATED) {
+        if (a.gate.mode != 0) {
+          fVec z0, z1;
+          a.gate.load(r, N, j, n, z0, z1);
+          z0 = a.gate.slope(z0);
+          z1 = a.gate.slope(z1);
+          if (a.gate.mode == 1) {  // dz = d * x * act'(z); dx = d * a
+            z0 = d0 * x0 * z0;
+            z1 = d1 * x1 * z1;
+            d0 = d0 * a0;
+            d1 = d1 * a1;
+          } else {  // dz = dy * u * act'(z), u the norm's output before the gate
+            fVec w0 = p * vr, w1 = q * vr;
+            round_through(a.round_to, w0, w1);
+            w0 = w0 * g0;
+            w1 = w1 * g1;
+            if (a.bias) {
+              fVec b0, b1;
+              load(a.bias + (r % a.gate.period) * N + j, b0, b1, n);
+              w0 = w0 + b0;
+              w1 = w1 + b1;
+            }
+            round_through(a.gate.round, w0, w1);
+            z0 = y0 * w0 * z0;
+            z1 = y1 * w1 * z1;
+          }
+          switch (a.gate.tz) {
+            case at::kBFloat16: store(static_cast<c10::BFloat16*>(a.dz) + r * N + j, z0, z1, n); break;
+            case at::kHalf: store(static_cast<c10::Half*>(a.dz) + r * N + j, z0, z1, n); break;
+            default: store(static_cast<float*>(a.dz) + r * N + j, z0, z1, n);
+          }
+        }
+      }
       store(dx + j, d0, d1, n, st);
-      if (dw) {
+      if (dwr) {
         fVec w0, w1;
         p = p * vr;
         q = q * vr;
         round_through(a.round_to, p, q);
-        load(dw + j, w0, w1, n);
-        store(dw + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
+        load(dwr + j, w0, w1, n);
+        store(dwr + j, at::vec::fmadd(u, p, w0), at::vec::fmadd(v, q, w1), n);
       }
-      if (db) {
+      if (dbr) {
         fVec b0, b1;
-        load(db + j, b0, b1, n);
-        store(db + j, b0 + u, b1 + v, n);
+        load(dbr + j, b0, b1, n);
+        store(dbr + j, b0 + u, b1 + v, n);
       }
     });
     s = cas.total(n0, n1);
@@ -617,6 +758,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
     const at::Tensor& x, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& residual, const Spec& spec, int64_t blocks, bool stream,
     bool need_rstd = true) {
+  TORCH_CHECK(spec.gate == 0 && spec.group == 0, "rmsnorm cpu: a gated or grouped spec needs forward_gated");
   const Shape sh = split_rows(x, spec.nd);
   const int64_t M = sh.M, N = sh.N, k = spec.k;
   const at::ScalarType out_dtype = spec.out_dtype;
@@ -692,6 +834,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
     const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& rstd,
     const Spec& spec, bool need_dw, bool need_db, int64_t blocks, bool stream) {
+  TORCH_CHECK(spec.gate == 0 && spec.group == 0, "rmsnorm cpu: a gated or grouped spec needs backward_gated");
   const Shape sh = split_rows(h, spec.nd);
   const int64_t M = sh.M, N = sh.N, k = spec.k;
   TORCH_CHECK(dy.sizes() == h.sizes(), "rmsnorm cpu: dy must have h's shape");
@@ -752,6 +895,129 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     return like->dim() == 1 ? sum : sum.view(like->sizes());
   };
   return {dx, finish(pw, weight), finish(pb, bias)};
+}
+
+// --------------------------------------------------------------------------- gated and grouped calls
+// Rows of a grouped call are its groups: (M, N) with groups of G is (M * N / G, G) with the gain row
+// r % (N / G). x and the gate are made contiguous. The Python side (rmsnorm/backends/cpu/__init__.py) adds
+// autograd around these (a double backward recomputes through rmsnorm.composite.gated).
+
+struct GroupRows {
+  int64_t M, N, period;
+};
+
+GroupRows group_rows(const at::Tensor& x, const Spec& spec) {
+  TORCH_CHECK(spec.nd == 1 && !spec.residual, "rmsnorm cpu: gated calls take a 1-D normalized shape, no residual");
+  const int64_t n = x.dim() > 0 ? x.size(-1) : 1;
+  const int64_t M = n > 0 ? x.numel() / n : 0;
+  if (spec.group > 0) {
+    TORCH_CHECK(n % spec.group == 0, "rmsnorm cpu: group does not divide N");
+    return {M * (n / spec.group), spec.group, n / spec.group};
+  }
+  return {M, n, 1};
+}
+
+Gate gate_of(const std::optional<at::Tensor>& z, const Spec& spec, int64_t period) {
+  Gate g;
+  g.mode = z.has_value() ? spec.gate : 0;
+  g.act = spec.act;
+  g.round = spec.gate_round;
+  g.period = period;
+  if (z.has_value()) {
+    g.z = z->data_ptr();
+    g.tz = z->scalar_type();
+  }
+  return g;
+}
+
+// -> (y, rstd of the M * N / G rows)
+std::tuple<at::Tensor, at::Tensor> forward_gated(
+    const at::Tensor& x_, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& z_, const Spec& spec, int64_t blocks, bool stream) {
+  const at::Tensor x = x_.resolve_neg().contiguous();
+  std::optional<at::Tensor> z;
+  if (z_.has_value()) {
+    z = z_->resolve_neg().contiguous();
+    TORCH_CHECK(z->sizes() == x.sizes() && z->device().is_cpu(), "rmsnorm cpu: the gate must have x's shape");
+  }
+  const GroupRows gr = group_rows(x, spec);
+  const int64_t M = gr.M, N = gr.N, n_full = gr.N * gr.period;
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto y = at::empty(x.sizes(), opts.dtype(spec.out_dtype));
+  auto rstd = at::empty({M}, opts.dtype(at::kFloat));
+  if (M == 0 || N == 0) return {y, rstd};
+  ParamBuffers& pb = param_buffers();
+  const float* g = param_row(weight, n_full, spec.offset, true, pb.gain);
+  const float* b = param_row(bias, n_full, 0.0, false, pb.bias);
+  const int64_t k = spec.group > 0 ? N : spec.k;
+  Fwd a{x.data_ptr(), N, nullptr, 0, nullptr, y.data_ptr(), rstd.data_ptr<float>(), g, b, N, k,
+        static_cast<float>(spec.eps), spec.eps_outside, spec.round_to, stream, gate_of(z, spec, gr.period)};
+  blocks = std::max<int64_t>(1, std::min(blocks, M));
+  dispatch(x.scalar_type(), "x", [&](auto tx) {
+    using TX = decltype(tx);
+    dispatch(spec.out_dtype, "out_dtype", [&](auto to) {
+      using TO = decltype(to);
+      for_blocks(M, blocks, [&](int64_t, int64_t r0, int64_t r1) {
+        if (r0 >= r1) return;
+        if (k >= Cascade::kMinElements) forward_rows<TX, TX, TO, false, true, true>(a, r0, r1, nullptr);
+        else forward_rows<TX, TX, TO, false, false, true>(a, r0, r1, nullptr);
+      });
+    });
+  });
+  return {y, rstd};
+}
+
+// -> (dx in x's dtype, dz in z's dtype or None, dw or None, db or None)
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
+    const at::Tensor& dy_, const at::Tensor& x_, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& z_, const at::Tensor& rstd,
+    const Spec& spec, bool need_dw, bool need_db, int64_t blocks, bool stream) {
+  const at::Tensor x = x_.resolve_neg().contiguous(), dy = dy_.resolve_neg().contiguous();
+  std::optional<at::Tensor> z;
+  if (z_.has_value()) z = z_->resolve_neg().contiguous();
+  TORCH_CHECK(dy.sizes() == x.sizes(), "rmsnorm cpu: dy must have x's shape");
+  const GroupRows gr = group_rows(x, spec);
+  const int64_t M = gr.M, N = gr.N, n_full = gr.N * gr.period;
+  TORCH_CHECK(rstd.scalar_type() == at::kFloat && rstd.is_contiguous() && rstd.numel() == M,
+              "rmsnorm cpu: rstd must be a contiguous fp32 tensor of the group rows");
+  auto opts = x.options().memory_format(at::MemoryFormat::Contiguous);
+  auto dx = at::empty(x.sizes(), opts);
+  auto dz = z ? at::empty(x.sizes(), opts.dtype(z->scalar_type())) : at::Tensor();
+  blocks = std::max<int64_t>(1, std::min(blocks, std::max<int64_t>(M, 1)));
+  auto f32 = opts.dtype(at::kFloat);
+  at::Tensor pw = need_dw ? at::zeros({blocks, n_full}, f32) : at::Tensor();
+  at::Tensor pb = need_db ? at::zeros({blocks, n_full}, f32) : at::Tensor();
+  if (M > 0 && N > 0) {
+    ParamBuffers& bufs = param_buffers();
+    const float* g = param_row(weight, n_full, spec.offset, true, bufs.gain);
+    const float* b = param_row(bias, n_full, 0.0, false, bufs.bias);
+    Bwd a{dy.data_ptr(), N, nullptr, 0, x.data_ptr(), N, rstd.data_ptr<float>(), g, dx.data_ptr(),
+          need_dw ? pw.data_ptr<float>() : nullptr, need_db ? pb.data_ptr<float>() : nullptr, N,
+          spec.group > 0 ? N : spec.k, static_cast<float>(spec.eps), spec.eps_outside, spec.round_to, stream};
+    a.gate = gate_of(z, spec, gr.period);
+    a.bias = b;
+    a.dz = dz.defined() ? dz.data_ptr() : nullptr;
+    dispatch(x.scalar_type(), "x", [&](auto thv) {
+      using TH = decltype(thv);
+      dispatch(dy.scalar_type(), "dy", [&](auto tov) {
+        using TO = decltype(tov);
+        for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
+          float* dwb = a.dw ? a.dw + blk * n_full : nullptr;
+          float* dbb = a.db ? a.db + blk * n_full : nullptr;
+          if (r0 >= r1) return;
+          if (N >= Cascade::kMinElements) backward_rows<TH, TO, false, true, true>(a, r0, r1, dwb, dbb);
+          else backward_rows<TH, TO, false, false, true>(a, r0, r1, dwb, dbb);
+        });
+      });
+    });
+  }
+  auto finish = [&](const at::Tensor& part, const std::optional<at::Tensor>& like) {
+    if (!part.defined()) return at::Tensor();
+    at::Tensor sum = part.size(0) == 1 ? part.view({n_full}) : reduce_blocks(part, n_full);
+    if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
+    return like->dim() == 1 ? sum : sum.view(like->sizes());
+  };
+  return {dx, dz, finish(pw, weight), finish(pb, bias)};
 }
 
 // A backward with create_graph=True (grad mode on inside it) needs gradients that are themselves
@@ -984,10 +1250,17 @@ struct type_caster<Spec> {
     PyObject* t = src.ptr();
     if (!PyTuple_Check(t) || PyTuple_GET_SIZE(t) < 8) return false;
     auto item = [t](Py_ssize_t i) { return PyTuple_GET_ITEM(t, i); };
-    // the gate fields (gate, gate_act, group, gate_round): these kernels run ungated, whole-row specs only
-    if (PyTuple_GET_SIZE(t) > 8 && (item(8) != Py_None || PyLong_AsLongLong(item(10)) != 0)) {
-      PyErr_Clear();
-      return false;
+    // the gate fields (gate, gate_act, group, gate_round), when the tuple has them
+    if (PyTuple_GET_SIZE(t) >= 12) {
+      PyObject* gate = item(8);
+      if (gate == Py_None) value.gate = 0;
+      else if (PyUnicode_CompareWithASCIIString(gate, "before") == 0) value.gate = 1;
+      else if (PyUnicode_CompareWithASCIIString(gate, "after") == 0) value.gate = 2;
+      else return false;
+      value.act = PyUnicode_CompareWithASCIIString(item(9), "sigmoid") == 0 ? 1 : 0;
+      value.group = PyLong_AsLongLong(item(10));
+      if (item(11) == Py_None) value.gate_round = at::ScalarType::Undefined;
+      else if (!dtype(item(11), value.gate_round)) return false;
     }
     value.nd = PyLong_AsLongLong(item(0));
     value.k = PyLong_AsLongLong(item(1));
@@ -1017,6 +1290,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("backward", &backward, "RMSNorm backward -> (dh, dw, db)");
   m.def("forward_autograd", &forward_autograd, "RMSNorm forward recorded for autograd -> [y] or [y, h]");
   m.def("set_graph_backward", &set_graph_backward, "the differentiable backward used with create_graph=True");
+  m.def("forward_gated", &forward_gated, "gated / grouped RMSNorm forward -> (y, rstd of the group rows)");
+  m.def("backward_gated", &backward_gated, "gated / grouped RMSNorm backward -> (dx, dz, dw, db)");
   py::class_<Config>(m, "Config")
       .def(py::init([](std::vector<int64_t> shape, double p, bool floor, std::optional<double> eps,
                        bool eps_outside, double offset, int64_t cast, std::optional<at::ScalarType> out_dtype,
