@@ -24,7 +24,7 @@ from rmsnorm.backends.triton.heuristics import bwd_config, fwd_config
 PTXAS = next(p for p in (os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin", n)
                          for n in ("ptxas-blackwell", "ptxas")) if os.path.exists(p))
 ALIGNED = {"X", "R", "W", "B", "Y", "H", "RSTD", "stride_x", "stride_r", "N", "DY", "DH", "Hp", "DX", "DWP", "DBP",
-           "stride_dy", "stride_dh", "stride_h"}
+           "stride_dy", "stride_dh", "stride_h", "Z", "DZ"}
 FWD_SIG = {"X": "*bf16", "R": "*bf16", "W": "*bf16", "B": "*bf16", "Y": "*bf16", "H": "*bf16", "RSTD": "*fp32",
            "stride_x": "i64", "stride_r": "i64", "M": "i32", "N": "i32", "K": "i32", "eps": "fp32", "offset": "fp32"}
 BWD_SIG = {"DY": "*bf16", "DH": "*bf16", "Hp": "*bf16", "W": "*bf16", "RSTD": "*fp32", "DX": "*bf16", "DWP": "*fp32",
@@ -56,14 +56,16 @@ def main() -> None:
         fc = {"BLOCK_N": f.block_n, "HAS_R": False, "HAS_W": True, "HAS_B": False, "EPS_OUTSIDE": False,
               "LLAMA": False, "NORM_TY": tl.bfloat16}
         if f.single:
-            fr = registers(K._fwd_rows, FWD_SIG, {**fc, "BLOCK_M": f.block_m, "PARTIAL": False}, f.num_warps)
+            fr = registers(K._fwd_rows, {**FWD_SIG, "Z": "*bf16"}, {**fc, "BLOCK_M": f.block_m, "PARTIAL": False},
+                           f.num_warps)
         else:
             fr = registers(K._fwd_looped, FWD_SIG, fc, f.num_warps)
         b = bwd_config(m, n, 132)
         bc = {"BLOCK_N": b.block_n, "HAS_DH": False, "HAS_W": True, "NEED_DW": True, "NEED_DB": False,
               "PARTIAL": False, "EPS_OUTSIDE": False, "LLAMA": False}
         if b.single:
-            br = registers(K._bwd_rows, BWD_SIG, {**bc, "BLOCK_M": b.block_m, "ACC_IN_REGS": b.acc_in_regs},
+            br = registers(K._bwd_rows, {**BWD_SIG, "Z": "*bf16", "DZ": "*bf16", "B": "*bf16"},
+                           {**bc, "BLOCK_M": b.block_m, "ACC_IN_REGS": b.acc_in_regs},
                            b.num_warps)
         else:
             br = registers(K._bwd_tiled, {**BWD_SIG, "S": "*fp32"}, bc, b.num_warps)

@@ -153,3 +153,31 @@ def test_auto_selection_never_picks_the_interpreter():
         assert registry.select(None, rand(2, 8, device="cuda"), None, plain(torch.float32)).name == "triton"
     x = rand(2, 8, device=DEVICE)
     assert max_err(rmsnorm.rms_norm(x, backend="triton"), rmsnorm.rms_norm(x, backend="reference")) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["before", "after"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("opts", [dict(cast="llama"), dict(gate_act="sigmoid", bias=True, eps_mode="outside"),
+                                  dict(offset=1.0, p=0.5)])
+def test_gated_rows_match_the_reference(mode, dtype, opts, poison):
+    """Gated calls on the Triton row kernels: outputs and every gradient against the decomposition (bf16 within
+    the interpreter's truncation: a few ulps)."""
+    opts = dict(opts)
+    bias = opts.pop("bias", False)
+    g = torch.Generator().manual_seed(7)
+    x, z = (torch.randn(6, 40, generator=g) * 2).to(dtype), torch.randn(6, 40, generator=g).to(dtype)
+    w, b = torch.randn(40, generator=g).to(dtype), (torch.randn(40, generator=g).to(dtype) if bias else None)
+    res = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().to(DEVICE).requires_grad_(True) if t is not None else None for t in (x, w, b, z)]
+        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], gate=leaves[3], gate_mode=mode, backend=backend,
+                             eps=1e-5, **opts)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(DEVICE)
+        res[backend] = (y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+    assert type(res["triton"][0].grad_fn).__name__ == "GatedFunctionBackward"
+    eps = 1e-6 if dtype == torch.float32 else 3 * torch.finfo(dtype).eps
+    (y, gs), (yr, gr) = res["triton"], res["reference"]
+    assert y.dtype == yr.dtype
+    assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
+    for a, c in zip(gs, gr, strict=True):
+        assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * 6 ** 0.5

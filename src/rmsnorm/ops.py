@@ -5,8 +5,8 @@ Dispatch table of :func:`run` (first match wins):
 ============================================  =========================================================
 the call                                      route
 ============================================  =========================================================
-gates and groups (gated RMSNorm)               the cpu backend's gated kernels (plain CPU tensors), else
-                                               :mod:`rmsnorm.composite` (plain differentiable torch ops)
+gates and groups (gated RMSNorm)               the gated kernels (cpu: CPU tensors; triton: whole rows that
+                                               fit its row kernel), else :mod:`rmsnorm.composite`
 jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite`
 transforms, forward-mode AD, rows of zero
 elements
@@ -163,28 +163,37 @@ class KernelFunction(torch.autograd.Function):
 
 def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, spec: Spec,
            backend: str | None) -> Tensor:
-    """A gated or grouped call: the fused CPU kernels for plain CPU tensors they serve, else plain torch ops
-    (:func:`rmsnorm.composite.gated`: torch.compile, subclasses, transforms, other devices, the reference
-    backend)."""
+    """A gated or grouped call: the fused gated kernels where they serve it (cpu: CPU tensors; triton: whole
+    rows on the row kernels), else plain torch ops (:func:`rmsnorm.composite.gated`: torch.compile,
+    subclasses, transforms, the reference backend, grouped calls on CUDA)."""
     name = backend or registry.default()
-    if name not in (None, "cpu", "reference"):
-        raise ValueError(f"backend={name!r} has no gated or grouped kernel yet: use 'cpu' or 'reference' (or None)")
+    if name not in (None, "cpu", "reference", "triton"):
+        raise ValueError(f"backend={name!r} has no gated or grouped kernel: use 'cpu', 'triton' or 'reference'")
+    dev = x.device.type
+    if name == "cpu" and dev != "cpu":
+        raise ValueError(f"backend='cpu' cannot handle x on {x.device}")
     tensors = [t for t in (x, weight, bias, gate) if t is not None]
-    if (name == "reference" or torch.compiler.is_compiling() or _decomposed() or x.device.type != "cpu"
-            or any(type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
-            or any(t.dtype not in _CPU_GATED_DTYPES for t in tensors) or spec.out_dtype not in _CPU_GATED_DTYPES
-            or x.numel() == 0 or registry.get("cpu").unavailable_reason() is not None):
-        if name == "cpu" and x.device.type != "cpu":
-            raise ValueError(f"backend='cpu' cannot handle x on {x.device}")
-        return composite.gated(x, weight, bias, gate, spec)
-    from .backends import cpu
+    plain = not (torch.compiler.is_compiling() or _decomposed() or x.numel() == 0
+                 or any(type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
+                 or any(t.dtype not in _CPU_GATED_DTYPES for t in tensors) or spec.out_dtype not in _CPU_GATED_DTYPES)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    if plain and grad and (x.is_inference() or (gate is not None and gate.is_inference())):
+        x = x.clone()  # an inference tensor cannot be saved for backward
+        gate = gate.clone() if gate is not None else None
+    if plain and name != "reference" and dev == "cpu" and name != "triton" and (
+            registry.get("cpu").unavailable_reason() is None):
+        from .backends import cpu
 
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        if x.is_inference() or (gate is not None and gate.is_inference()):  # cannot be saved for backward
-            x = x.clone()
-            gate = gate.clone() if gate is not None else None
-        return cpu.gated_autograd(x, weight, bias, gate, spec)
-    return cpu.gated_forward(x, weight, bias, gate, spec)
+        return (cpu.gated_autograd if grad else cpu.gated_forward)(x, weight, bias, gate, spec)
+    if plain and gate is not None and (name == "triton" or (name is None and dev == "cuda")):
+        be = registry.get("triton")
+        if be.unavailable_reason() is None and be.unsupported_reason(x, None, spec) is None:
+            from .backends import triton
+
+            y = triton.gated_call(x, weight, bias, gate, spec)
+            if y is not None:
+                return y
+    return composite.gated(x, weight, bias, gate, spec)
 
 
 _CPU_GATED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})

@@ -25,8 +25,8 @@ Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and record
 - gated (replaced by rmsnorm.GatedRMSNorm, called as ``norm(x, gate)``): Mamba-2, Bamba, Zamba2,
   Nemotron-H, GraniteMoeHybrid (the norm of x * silu(z) by groups, cast="llama"); Qwen3-Next, Qwen3.5,
   OLMo hybrid (the norm, then times act(z), cast="llama"); Kimi Linear, Bailing hybrid, GLM-5 Next,
-  LaraMini (the same in fp32). On CPU the fused gated kernels run them; elsewhere (CUDA: no Triton gate
-  yet) they run as the originals' torch operations.
+  LaraMini (the same in fp32). The fused gated kernels run them (cpu; triton for whole rows); grouped
+  gates on CUDA run as the originals' torch operations.
 """
 
 from __future__ import annotations

@@ -44,6 +44,64 @@ def _row_backward(dy, dh, h, weight, rstd, spec, need_dw, need_db):
     return backward(dy, dh, h, weight, rstd, spec, need_dw, need_db)
 
 
+def _gated_forward(x, weight, bias, gate, spec) -> tuple[torch.Tensor, torch.Tensor]:
+    from .launch import forward
+
+    n = x.shape[-1]
+    x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
+    y = torch.empty(x.shape, dtype=spec.out_dtype, device=x.device)
+    _, _, rstd = forward(x2, weight, bias, None, spec, out=(y.view(-1, n), None), gate=z2)
+    return y, rstd
+
+
+class GatedFunction(torch.autograd.Function):
+    """A gated call (``spec.gate``, whole rows) on the Triton row kernels; a backward with create_graph=True
+    differentiates :func:`rmsnorm.composite.gated` on the saved inputs instead."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, gate, spec):
+        y, rstd = _gated_forward(x, weight, bias, gate, spec)
+        ctx.save_for_backward(x, weight, bias, gate, rstd)
+        ctx.spec = spec
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, bias, gate, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad[:4]
+        if torch.is_grad_enabled():
+            from ...composite import gated
+
+            inputs = [t for t, need in zip((x, weight, bias, gate), needs, strict=True) if need]
+            got = iter(torch.autograd.grad(gated(x, weight, bias, gate, ctx.spec), inputs, dy, create_graph=True))
+            return (*(next(got) if need else None for need in needs), None)
+        from .launch import backward
+
+        n = x.shape[-1]
+        x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
+        dz = torch.empty(z2.shape, dtype=gate.dtype, device=x.device)
+        need_dw, need_db = weight is not None and needs[1], bias is not None and needs[2]
+        dx, dw, db = backward(dy.reshape(-1, n).contiguous(), None, x2, weight, rstd, ctx.spec, need_dw, need_db,
+                              gate=z2, bias=bias, dz=dz)
+        return (dx.view(x.shape) if needs[0] else None,
+                dw.to(weight.dtype) if need_dw and dw is not None and weight is not None else None,
+                db.to(bias.dtype) if need_db and db is not None and bias is not None else None,
+                dz.view(gate.shape) if needs[3] else None, None)
+
+
+def gated_call(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, gate: torch.Tensor,
+               spec) -> torch.Tensor | None:
+    """A gated call on the row kernels, or None when its rows need another kernel (decompose it then)."""
+    from .launch import gated_supported
+
+    n = x.shape[-1]
+    if spec.group or not gated_supported(x.numel() // n, n, x.element_size(), x.device):
+        return None
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, gate)):
+        return GatedFunction.apply(x, weight, bias, gate, spec)
+    return _gated_forward(x, weight, bias, gate, spec)[0]
+
+
 BACKEND = register(Backend(
     name="triton",
     priority=20,

@@ -52,10 +52,31 @@ def _finish_row(x, rstd, W, B, cols, cmask, offset, HAS_W: tl.constexpr, HAS_B: 
 
 
 @triton.jit
-def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
+def _act(z, ACT: tl.constexpr):
+    """The gate's activation on fp32 z with torch's formulas: silu z / (1 + exp(-z)) (ACT 0), sigmoid (1)."""
+    e = 1.0 + tl.exp(-z)
+    if ACT == 0:
+        return z / e
+    return 1.0 / e
+
+
+@triton.jit
+def _act_slope(z, ACT: tl.constexpr):
+    """act'(z): silu' = s (1 + z (1 - s)), sigmoid' = s (1 - s), s = sigmoid(z)."""
+    sg = 1.0 / (1.0 + tl.exp(-z))
+    if ACT == 0:
+        return sg * (1.0 + z * (1.0 - sg))
+    return sg * (1.0 - sg)
+
+
+@triton.jit
+def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, Z,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr,
-              NORM_TY: tl.constexpr):
+              NORM_TY: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
+              GATE_ROUND_TY: tl.constexpr = tl.float32):
+    """GATE (rows of N, contiguous Z): 1 normalizes x * act(z), 2 multiplies the output by act(z) after
+    rounding it through GATE_ROUND_TY."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -69,13 +90,19 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
         r = tl.load(R + r64 * stride_r + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         xr = (xr.to(tl.float32) + r).to(NORM_TY)
         tl.store(H + r64 * N + cols[None, :], xr, mask=mask)
-    xs = xr.to(tl.float32)
+    hf = xr.to(tl.float32)
+    if GATE != 0:
+        a = _act(tl.load(Z + r64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32), ACT)
+        if GATE == 1:
+            hf = hf * a
+    xs = hf
     if PARTIAL:
         xs = tl.where(cols[None, :] < K, xs, 0.0)
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
     tl.store(RSTD + rows, rstd, mask=rmask)
-    y = _finish_row(xr.to(tl.float32), rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, HAS_W, HAS_B,
-                    ROUND_TY)
+    y = _finish_row(hf, rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, HAS_W, HAS_B, ROUND_TY)
+    if GATE == 2:
+        y = y.to(GATE_ROUND_TY).to(tl.float32) * a
     tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
 
 
@@ -137,13 +164,16 @@ def _dw_term(hf, dyf, rstd, ROUND_TY: tl.constexpr):
 
 
 @triton.jit
-def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset,
+def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h, M, N, K, eps, offset, Z, DZ, B,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
-              ROUND_TY: tl.constexpr, ACC_IN_REGS: tl.constexpr):
+              ROUND_TY: tl.constexpr, ACC_IN_REGS: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
+              GATE_ROUND_TY: tl.constexpr = tl.float32, HAS_B: tl.constexpr = False):
     """Persistent programs over row blocks. ACC_IN_REGS: the gain and the dW/db accumulators live in
     registers for the program's lifetime; else (wide rows) the gain is re-read per row block and the
-    program's own partial row in DWP/DBP (L2-resident) is updated in place: fewer registers, no spills."""
+    program's own partial row in DWP/DBP (L2-resident) is updated in place: fewer registers, no spills.
+    GATE (Z, DZ rows of N; h is x; B the bias for "after"): 1: h' = x * a is normalized, dx = d * a,
+    dz = d * x * act'(z); 2: dy' = dy * a goes into the norm, dz = dy * u * act'(z) with u recomputed."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -165,31 +195,53 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
         rstd = tl.load(RSTD + rows, mask=rmask, other=1.0)
         if not ACC_IN_REGS and HAS_W:
             g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
-        dyg = dy.to(tl.float32)
+        hf = h.to(tl.float32)
+        dyf = dy.to(tl.float32)
+        if GATE != 0:
+            zf = tl.load(Z + r64 * N + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            a = _act(zf, ACT)
+            if GATE == 1:
+                xf = hf
+                hf = hf * a
+            else:
+                dy_raw = dyf
+                dyf = dyf * a
+        dyg = dyf
         if HAS_W:
             dyg = dyg * g[None, :]
-        s = tl.sum(dyg * h.to(tl.float32), axis=1)
+        s = tl.sum(dyg * hf, axis=1)
         cs = _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE) * s
-        corr = h.to(tl.float32) * cs[:, None]
+        corr = hf * cs[:, None]
         if PARTIAL:
             corr = tl.where(cols[None, :] < K, corr, 0.0)
         dx = dyg * rstd[:, None] - corr
         if HAS_DH:
             dx += tl.load(DH + r64 * stride_dh + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        xh = (hf * rstd[:, None]).to(ROUND_TY).to(tl.float32)
+        if GATE == 1:
+            tl.store(DZ + r64 * N + cols[None, :], (dx * xf * _act_slope(zf, ACT)).to(DZ.dtype.element_ty),
+                     mask=mask)
+            dx = dx * a
+        if GATE == 2:
+            u = xh
+            if HAS_W:
+                u = u * g[None, :]
+            if HAS_B:
+                u = u + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+            u = u.to(GATE_ROUND_TY).to(tl.float32)
+            tl.store(DZ + r64 * N + cols[None, :], (dy_raw * u * _act_slope(zf, ACT)).to(DZ.dtype.element_ty),
+                     mask=mask)
         tl.store(DX + r64 * N + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
         if NEED_DW:
-            xh = (h.to(tl.float32) * rstd[:, None]).to(ROUND_TY).to(tl.float32)
             if ACC_IN_REGS:
-                dw_acc += dy.to(tl.float32) * xh
+                dw_acc += dyf * xh
             else:
-                tl.store(DWP + part, tl.load(DWP + part, mask=cmask) + tl.sum(dy.to(tl.float32) * xh, axis=0),
-                         mask=cmask)
+                tl.store(DWP + part, tl.load(DWP + part, mask=cmask) + tl.sum(dyf * xh, axis=0), mask=cmask)
         if NEED_DB:
             if ACC_IN_REGS:
-                db_acc += dy.to(tl.float32)
+                db_acc += dyf
             else:
-                tl.store(DBP + part, tl.load(DBP + part, mask=cmask) + tl.sum(dy.to(tl.float32), axis=0),
-                         mask=cmask)
+                tl.store(DBP + part, tl.load(DBP + part, mask=cmask) + tl.sum(dyf, axis=0), mask=cmask)
     if ACC_IN_REGS:
         if NEED_DW:
             tl.store(DWP + part, tl.sum(dw_acc, axis=0), mask=cmask)

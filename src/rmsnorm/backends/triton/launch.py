@@ -69,10 +69,24 @@ def team_grid(compiled, num_warps: int, sms: int, g: int, rows: int, device: tor
     return max(1, min((sms * max(1, per_sm)) // g, rows, MAX_TEAMS))
 
 
+def _gate_consts(spec: Spec, gated: bool) -> dict:
+    """The gate's constexprs of the row kernels (GATE 0 when the call has no gate tensor)."""
+    return {"GATE": {"before": 1, "after": 2}.get(spec.gate or "", 0) if gated else 0,
+            "ACT": 1 if spec.gate_act == "sigmoid" else 0,
+            "GATE_ROUND_TY": _TL[spec.gate_round] if spec.gate_round is not None else tl.float32}
+
+
+def gated_supported(m: int, n: int, itemsize: int, device: torch.device) -> bool:
+    """Whether a gated call of (M, N) rows runs on the row kernels (the only ones with a gate)."""
+    return fwd_config(m, n, itemsize).single and bwd_config(m, n, sm_count(device), itemsize).single
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, spec: Spec, out: tuple | None = None,
-            config: FwdConfig | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """(y, h, rstd) of (M, N) rows; ``out``: contiguous (M, N) tensors (y, h | None) to write into."""
+            config: FwdConfig | None = None, gate: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """(y, h, rstd) of (M, N) rows; ``out``: contiguous (M, N) tensors (y, h | None) to write into;
+    ``gate``: contiguous (M, N) rows of a gated call (``spec.gate``; row kernels only)."""
     m, n = x.shape
     if out is not None:
         y, h = out
@@ -91,11 +105,13 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     flags = {"HAS_R": residual is not None, "HAS_W": weight is not None, "HAS_B": bias is not None,
              "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
+    if gate is not None and not cfg.single:
+        raise ValueError(f"gated rows of {n} elements need the row kernel; config {cfg} is not one")
     if cfg.single:
         grid = (-(-m // cfg.block_m),)  # (triton.cdiv is a constexpr function: 2 µs a call)
-        FWD_ROWS.launch(grid, (*ptrs, *scalars), {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
-                                                  "PARTIAL": spec.k < n, "num_warps": cfg.num_warps, **flags},
-                        x.device)
+        FWD_ROWS.launch(grid, (*ptrs, *scalars, gate if gate is not None else x),
+                        {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PARTIAL": spec.k < n,
+                         "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gate is not None)}, x.device)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
@@ -147,9 +163,11 @@ def _teams(kernel, args: tuple, consts: dict, g: int, rows: int, device: torch.d
 
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
-             rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool, config: BwdConfig | None = None
+             rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool, config: BwdConfig | None = None,
+             gate: torch.Tensor | None = None, bias: torch.Tensor | None = None, dz: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(dx, dw in the weight's dtype, db in fp32) of (M, N) rows."""
+    """(dx, dw in the weight's dtype, db in fp32) of (M, N) rows. A gated call (``gate``, with h = x) also
+    writes the gate's gradient into ``dz`` and needs the ``bias`` (row kernel only)."""
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
@@ -162,6 +180,8 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
              "PARTIAL": spec.k < n, "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec)}
     strides = (dy.stride(0), d.stride(0), h.stride(0))
     scalars = (m, n, spec.k, spec.eps, spec.offset)
+    if gate is not None and not cfg.single:
+        raise ValueError(f"gated rows of {n} elements need the row kernel; config {cfg} is not one")
     if cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), **f32)
@@ -183,9 +203,12 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         dbp = alloc((programs, n), **f32) if need_db else None
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         if cfg.single:
-            BWD_ROWS.launch((programs,), (dy, d, h, w, rstd, dx, *parts, *strides, *scalars),
+            gated = gate is not None and dz is not None
+            BWD_ROWS.launch((programs,), (dy, d, h, w, rstd, dx, *parts, *strides, *scalars,
+                                          gate if gated else h, dz if gated else dx, bias if bias is not None else h),
                             {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
-                             "num_warps": cfg.num_warps, **flags}, h.device)
+                             "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gated),
+                             "HAS_B": bias is not None}, h.device)
         else:
             s = torch.empty((m,), **f32)
             BWD_ROWDOT.launch((m,), (dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset),
