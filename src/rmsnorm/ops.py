@@ -167,6 +167,8 @@ def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor |
     rows on the row kernels), else plain torch ops (:func:`rmsnorm.composite.gated`: torch.compile,
     subclasses, transforms, the reference backend, grouped calls on CUDA)."""
     name = backend or registry.default()
+    if name is not None:
+        registry.get(name)  # an unknown name: the registry's error
     if name not in (None, "cpu", "reference", "triton"):
         raise ValueError(f"backend={name!r} has no gated or grouped kernel: use 'cpu', 'triton' or 'reference'")
     dev = x.device.type
