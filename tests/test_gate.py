@@ -206,3 +206,26 @@ def test_double_backward_through_the_gated_kernels():
         res[backend] = torch.autograd.grad(gx.sum(), (xs, zs, ws))
     for a, c in zip(res["cpu"], res["reference"], strict=True):
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("norm_before_gate", [True, False])
+@pytest.mark.parametrize("n_groups", [1, 4])
+def test_falcon_h1_gated_norm_both_forms(norm_before_gate, n_groups):
+    import copy
+
+    from rmsnorm.backends import registry
+
+    hf = _hf("falcon_h1", "FalconH1RMSNormGated")(64, eps=1e-6, n_groups=n_groups, norm_before_gate=norm_before_gate)
+    with torch.no_grad():
+        hf.weight.normal_()
+    holder = torch.nn.ModuleDict({"norm": copy.deepcopy(hf)})
+    assert len(rmsnorm.accelerate(holder).changed) == 1
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = copy.deepcopy(hf).to(dtype), copy.deepcopy(holder["norm"]).to(dtype)
+        x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
+        _close(b(x, z), a(x, z))
+        registry.set_default("reference")
+        try:
+            assert torch.equal(a(x, z), b(x, z))
+        finally:
+            registry.set_default(None)

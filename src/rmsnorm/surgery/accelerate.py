@@ -25,7 +25,8 @@ Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and record
 - gated (replaced by rmsnorm.GatedRMSNorm, called as ``norm(x, gate)``): Mamba-2, Bamba, Zamba2,
   Nemotron-H, GraniteMoeHybrid (the norm of x * silu(z) by groups, cast="llama"); Qwen3-Next, Qwen3.5,
   OLMo hybrid (the norm, then times act(z), cast="llama"); Kimi Linear, Bailing hybrid, GLM-5 Next,
-  LaraMini (the same in fp32). The fused gated kernels run them (cpu; triton for whole rows); grouped
+  LaraMini (the same in fp32); Falcon-H1 (groups from n_groups, before or after from norm_before_gate,
+  fp32). The fused gated kernels run them (cpu; triton for whole rows); grouped
   gates on CUDA run as the originals' torch operations.
 """
 
@@ -148,10 +149,34 @@ def forward(self, hidden_states, gate=None):
     hidden_states = hidden_states * ACT2FN[self.activation](gate.to(torch.float32))
     return hidden_states.to(input_dtype)
 """,
+    "gated_falcon": """
+def forward(self, hidden_states, gate=None):
+    input_dtype = hidden_states.dtype
+    input_ndim = hidden_states.ndim
+    if not self.norm_before_gate and gate is not None:
+        hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+    if len(hidden_states.shape) == 3:
+        batch_size, seq_len, dim = hidden_states.shape
+    else:
+        batch_size, dim = hidden_states.shape
+        seq_len = 1
+    hidden_states = hidden_states.to(torch.float32)
+    hidden_states = hidden_states.view(batch_size, seq_len, self.n_groups, int(dim // self.n_groups))
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    hidden_states = hidden_states * torch.rsqrt(variance + self.variance_epsilon)
+    hidden_states = self.weight.view(self.n_groups, int(dim // self.n_groups)) * hidden_states
+    hidden_states = hidden_states.view(batch_size, seq_len, dim)
+    if input_ndim == 2:
+        hidden_states = hidden_states.squeeze(1)
+    if self.norm_before_gate and gate is not None:
+        hidden_states = hidden_states * F.silu(gate.to(torch.float32))
+    return hidden_states.to(input_dtype)
+""",
 }
 
 # gated families: (gate_mode, cast); called as norm(x, gate), replaced by rmsnorm.GatedRMSNorm
-GATED = {"gated_before": ("before", "llama"), "gated_after": ("after", "llama"), "gated_after_fp32": ("after", "fp32")}
+GATED = {"gated_before": ("before", "llama"), "gated_after": ("after", "llama"), "gated_after_fp32": ("after", "fp32"),
+         "gated_falcon": ("", "fp32")}  # Falcon-H1: the mode from norm_before_gate, groups from n_groups
 
 
 def _normalize(code: str, class_name: str | None = None) -> str:
@@ -262,7 +287,13 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
             if act not in ("silu", "sigmoid"):
                 raise ValueError(f"{type(module).__name__}'s gate activation {act!r} is not silu or sigmoid")
             group = getattr(module, "group_size", None) if mode == "before" else None
-            if mode == "before" and not isinstance(group, int):
+            if family == "gated_falcon":
+                mode = "after" if getattr(module, "norm_before_gate", True) else "before"
+                groups = getattr(module, "n_groups", 1)
+                if not isinstance(groups, int) or groups < 1 or shape[-1] % groups:
+                    raise ValueError(f"{type(module).__name__}'s n_groups {groups!r} does not divide {shape[-1]}")
+                group = shape[-1] // groups if groups > 1 else None
+            elif mode == "before" and not isinstance(group, int):
                 raise ValueError(f"{type(module).__name__} has no int group_size")
             new = GatedRMSNorm(shape, eps, cast=cast, gate_mode=mode, gate_act=act, group_size=group)
         elif family == "gemma4":
