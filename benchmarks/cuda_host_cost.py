@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -55,16 +54,6 @@ def _activate_stub_driver() -> None:
     drv.set_current_device = lambda device: None
     drv.get_active_torch_device = lambda: torch.device("cpu")
     triton.runtime.driver.set_active(drv)
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _callables(m: int, n: int, noop, copy) -> dict:
@@ -146,6 +135,7 @@ def measure(out: Path | None, quick: bool = False) -> list[dict]:
     registry._AVAILABLE["triton"] = None
     prebound.DEVICES.add("cpu")
     from rmsnorm.bench.timing import measure_group
+    from rmsnorm.host import cpu_model
 
     class Noop(torch.autograd.Function):
         @staticmethod
@@ -171,9 +161,9 @@ def measure(out: Path | None, quick: bool = False) -> list[dict]:
         for name, t in timings.items():
             base = base_rt if "bwd" in name else base_f
             rows.append({"m": m, "n": n, "dtype": "bfloat16", "what": name, "median_us": t.median_s * 1e6,
-                         "ratio_to_noop": t.median_s / base, "cpu": _cpu_name(), "torch": torch.__version__,
+                         "ratio_to_noop": t.median_s / base, "cpu": cpu_model(), "torch": torch.__version__,
                          "triton": triton.__version__})
-    print(f"host: {_cpu_name()}, torch {torch.__version__}, triton {triton.__version__}, 1 thread, bf16; ratios "
+    print(f"host: {cpu_model()}, torch {torch.__version__}, triton {triton.__version__}, 1 thread, bf16; ratios "
           "to the no-op autograd.Function (forward rows: its forward; fwd+bwd rows: its round trip)")
     print("| M×N | " + " | ".join(dict.fromkeys(r["what"] for r in rows)) + " |")
     print("|---|" + "---|" * len(dict.fromkeys(r["what"] for r in rows)))

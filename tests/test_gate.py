@@ -42,6 +42,24 @@ def _close(got, want):
         assert ((got.float() - want.float()).abs() <= ulp * 1.0001).all()
 
 
+def _agrees_with(original, replaced):
+    """A replacement gated norm against the module it replaced: within the targets on the default backend,
+    bit for bit on the reference backend, in fp32 and bf16."""
+    import copy
+
+    from rmsnorm.backends import registry
+
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = copy.deepcopy(original).to(dtype), copy.deepcopy(replaced).to(dtype)
+        x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
+        _close(b(x, z), a(x, z))
+        registry.set_default("reference")
+        try:
+            assert torch.equal(a(x, z), b(x, z))
+        finally:
+            registry.set_default(None)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_mamba2_family(dtype):
     """Bit for bit on the reference backend (the same torch operations); the fused kernels within targets."""
@@ -150,17 +168,7 @@ def test_accelerate_replaces_gated_norms_with_identical_numbers(module, cls, kwa
     report = rmsnorm.accelerate(holder)
     assert len(report.changed) == 1 and isinstance(holder["norm"], rmsnorm.GatedRMSNorm), str(report)
     assert holder["norm"].weight is hf.weight  # shared, not copied
-    from rmsnorm.backends import registry
-
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = copy.deepcopy(original).to(dtype), copy.deepcopy(holder["norm"]).to(dtype)
-        x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
-        _close(b(x, z), a(x, z))
-        registry.set_default("reference")
-        try:
-            assert torch.equal(a(x, z), b(x, z))
-        finally:
-            registry.set_default(None)
+    _agrees_with(original, holder["norm"])
 
 
 @pytest.mark.parametrize("mode", ["before", "after", None])
@@ -213,19 +221,9 @@ def test_double_backward_through_the_gated_kernels():
 def test_falcon_h1_gated_norm_both_forms(norm_before_gate, n_groups):
     import copy
 
-    from rmsnorm.backends import registry
-
     hf = _hf("falcon_h1", "FalconH1RMSNormGated")(64, eps=1e-6, n_groups=n_groups, norm_before_gate=norm_before_gate)
     with torch.no_grad():
         hf.weight.normal_()
     holder = torch.nn.ModuleDict({"norm": copy.deepcopy(hf)})
     assert len(rmsnorm.accelerate(holder).changed) == 1
-    for dtype in (torch.float32, torch.bfloat16):
-        a, b = copy.deepcopy(hf).to(dtype), copy.deepcopy(holder["norm"]).to(dtype)
-        x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
-        _close(b(x, z), a(x, z))
-        registry.set_default("reference")
-        try:
-            assert torch.equal(a(x, z), b(x, z))
-        finally:
-            registry.set_default(None)
+    _agrees_with(hf, holder["norm"])

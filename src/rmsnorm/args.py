@@ -159,13 +159,21 @@ def check_tensors(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tens
     return nd, n
 
 
-def check_gate(x: torch.Tensor, gate: torch.Tensor | None, gate_mode: str, gate_act: str, group_size: int | None,
-               residual: torch.Tensor | None, nd: int, n: int, p: float) -> int:
-    """Validate the gate and group options of a call; return the group size (0: the whole row)."""
+def check_gate_options(gate_mode: str, gate_act: str, group_size: int | None) -> None:
+    """The gate and group options alone (shared by the functional API and the module constructor)."""
     if gate_mode not in GATE_MODES:
         raise ValueError(f"gate_mode must be one of {GATE_MODES}, got {gate_mode!r}")
     if gate_act not in GATE_ACTS:
         raise ValueError(f"gate_act must be one of {GATE_ACTS}, got {gate_act!r}")
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
+                                   or group_size < 1):
+        raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
+
+
+def check_gate(x: torch.Tensor, gate: torch.Tensor | None, gate_mode: str, gate_act: str, group_size: int | None,
+               residual: torch.Tensor | None, nd: int, n: int, p: float) -> int:
+    """Validate the gate and group options of a call; return the group size (0: the whole row)."""
+    check_gate_options(gate_mode, gate_act, group_size)
     if gate is not None:
         _check_float_tensor("gate", gate)
         if gate.shape != x.shape:
@@ -176,8 +184,6 @@ def check_gate(x: torch.Tensor, gate: torch.Tensor | None, gate_mode: str, gate_
             raise ValueError("gate and residual cannot be combined (normalize x + residual first, then gate)")
     if group_size is None:
         return 0
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
     if nd != 1:
         raise ValueError(f"group_size needs a 1-D normalized shape, got {nd} dims")
     if n % group_size:

@@ -53,26 +53,26 @@ def normalize(h: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec)
     if _is_torch_rms_norm(h, weight, bias, spec):
         return F.rms_norm(h, tuple(h.shape[h.dim() - nd:]), weight, spec.eps)
     cd = compute_dtype(h.dtype)
-    hf = h.to(cd)
-    flat = hf.flatten(hf.dim() - nd) if nd > 1 else hf
+    return _affine(_normalized(h.to(cd), spec), weight, bias, spec, cd, spec.out_dtype)
+
+
+def _normalized(h: Tensor, spec: Spec, group: int = 0) -> Tensor:
+    """h / r in h's shape (h in the compute dtype): r over the first k elements of each flattened row, or
+    with ``group`` over each run of that many elements."""
+    nd = spec.normalized_ndim
+    flat = h.flatten(h.dim() - nd) if nd > 1 else h
     n = flat.shape[-1]
-    head = flat if spec.k >= n else flat[..., : spec.k]
+    rows = flat.unflatten(-1, (n // group, group)) if group else flat
+    head = rows if group or spec.k >= n else rows[..., : spec.k]
     ms = head.square().mean(-1, keepdim=True)
     if spec.eps_outside:
         # sqrt'(0) is infinite: the subgradient 0 at an all-zero prefix, as the kernels use
         pos = ms > 0
         root = torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos
-        xhat = flat / (root + spec.eps)
+        xhat = rows / (root + spec.eps)
     else:
-        xhat = flat * torch.rsqrt(ms + spec.eps)
-    if spec.round_to is not None:
-        xhat = xhat.to(spec.round_to).to(cd)
-    xhat = xhat.view(hf.shape) if nd > 1 else xhat
-    if weight is not None:
-        xhat = xhat * (weight.to(cd) + spec.offset)
-    if bias is not None:
-        xhat = xhat + bias.to(cd)
-    return xhat.to(spec.out_dtype)
+        xhat = rows * torch.rsqrt(ms + spec.eps)
+    return xhat.flatten(-2).view(h.shape) if group else xhat.view(h.shape)
 
 
 def gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, spec: Spec) -> Tensor:
@@ -85,25 +85,23 @@ def gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | 
         zf = gate.to(cd)
         a = F.silu(zf) if spec.gate_act == "silu" else torch.sigmoid(zf)
     h = x.to(cd) * a if spec.gate == "before" and a is not None else x.to(cd)
-    nd = spec.normalized_ndim
-    flat = h.flatten(h.dim() - nd) if nd > 1 else h
-    n = flat.shape[-1]
-    g = spec.group or n
-    hg = flat.unflatten(-1, (n // g, g))
-    head = hg if spec.group or spec.k >= n else hg[..., : spec.k]
-    ms = head.square().mean(-1, keepdim=True)
-    if spec.eps_outside:
-        pos = ms > 0
-        xhat = hg / (torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos + spec.eps)
-    else:
-        xhat = hg * torch.rsqrt(ms + spec.eps)
-    xhat = xhat.flatten(-2).view(h.shape)
-    u = _affine(xhat, weight, bias, spec, cd, cd if spec.gate == "after" else spec.out_dtype)
+    u = _affine(_normalized(h, spec, spec.group), weight, bias, spec, cd,
+                cd if spec.gate == "after" else spec.out_dtype)
     if spec.gate != "after" or a is None:
         return u
     if spec.gate_round is not None:
         u = u.to(spec.gate_round).to(cd)
     return (u * a).to(spec.out_dtype)
+
+
+def gated_graph_grads(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None,
+                      spec: Spec, needs: tuple[bool, ...]) -> tuple[Tensor | None, ...]:
+    """The gradients of a gated call for (x, weight, bias, gate) as differentiable ops of the saved inputs
+    themselves: the backward of the fused gated kernels when create_graph=True."""
+    inputs = [t for t, need in zip((x, weight, bias, gate), needs, strict=True) if need and t is not None]
+    got = iter(torch.autograd.grad(gated(x, weight, bias, gate, spec), inputs, dy, create_graph=True))
+    return tuple(next(got) if need and t is not None else None
+                 for t, need in zip((x, weight, bias, gate), needs, strict=True))
 
 
 def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, cd: torch.dtype,

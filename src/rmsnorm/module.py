@@ -53,13 +53,7 @@ class RMSNorm(nn.Module):
     ) -> None:
         super().__init__()
         _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
-        if gate_mode not in _args.GATE_MODES:
-            raise ValueError(f"gate_mode must be one of {_args.GATE_MODES}, got {gate_mode!r}")
-        if gate_act not in _args.GATE_ACTS:
-            raise ValueError(f"gate_act must be one of {_args.GATE_ACTS}, got {gate_act!r}")
-        if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int)
-                                       or group_size < 1):
-            raise TypeError(f"group_size must be a positive int or None, got {group_size!r}")
+        _args.check_gate_options(gate_mode, gate_act, group_size)
         self.group_size = group_size
         self.gate_mode = gate_mode
         self.gate_act = gate_act

@@ -177,7 +177,7 @@ def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor |
     tensors = [t for t in (x, weight, bias, gate) if t is not None]
     plain = not (torch.compiler.is_compiling() or _decomposed() or x.numel() == 0
                  or any(type(t) is not Tensor and not isinstance(t, torch.nn.Parameter) for t in tensors)
-                 or any(t.dtype not in _CPU_GATED_DTYPES for t in tensors) or spec.out_dtype not in _CPU_GATED_DTYPES)
+                 or any(t.dtype not in _KERNEL_DTYPES for t in tensors) or spec.out_dtype not in _KERNEL_DTYPES)
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if plain and grad and (x.is_inference() or (gate is not None and gate.is_inference())):
         x = x.clone()  # an inference tensor cannot be saved for backward
@@ -198,7 +198,7 @@ def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor |
     return composite.gated(x, weight, bias, gate, spec)
 
 
-_CPU_GATED_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})
+_KERNEL_DTYPES = frozenset({torch.float32, torch.bfloat16, torch.float16})  # what the gated kernels take
 
 
 def _decomposed() -> bool:

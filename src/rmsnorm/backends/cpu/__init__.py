@@ -54,14 +54,10 @@ class GatedFunction(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, bias, gate, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():
-            # create_graph=True: the decomposition, differentiated on the saved inputs themselves, so that the
-            # gradients are functions of them
-            from ...composite import gated
+        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients of the decomposition
+            from ...composite import gated_graph_grads
 
-            inputs = [t for t, need in zip((x, weight, bias, gate), needs, strict=True) if need]
-            got = iter(torch.autograd.grad(gated(x, weight, bias, gate, ctx.spec), inputs, dy, create_graph=True))
-            return (*(next(got) if need else None for need in needs), None)
+            return (*gated_graph_grads(dy, x, weight, bias, gate, ctx.spec, needs), None)
         need_dw = weight is not None and needs[1]
         need_db = bias is not None and needs[2]
         dx, dz, dw, db = build.module().backward_gated(dy, x, weight, bias, gate, rstd, ctx.spec, need_dw, need_db,

@@ -829,6 +829,15 @@ at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
   return out;
 }
 
+// A parameter's gradient from the (blocks, N) fp32 partials (undefined when none were asked for), in the
+// parameter's dtype and shape.
+at::Tensor finish_partials(const at::Tensor& part, const std::optional<at::Tensor>& like, int64_t N) {
+  if (!part.defined()) return at::Tensor();
+  at::Tensor sum = part.size(0) == 1 ? part.view({N}) : reduce_blocks(part, N);
+  if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
+  return like->dim() == 1 ? sum : sum.view(like->sizes());
+}
+
 // -> (dh in h's dtype and shape, dw in weight's dtype and shape or None, db likewise for bias).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
     const at::Tensor& dy, const std::optional<at::Tensor>& dh, const at::Tensor& h,
@@ -888,13 +897,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       });
     });
   }
-  auto finish = [&](const at::Tensor& part, const std::optional<at::Tensor>& like) {
-    if (!part.defined()) return at::Tensor();
-    at::Tensor sum = part.size(0) == 1 ? part.view({N}) : reduce_blocks(part, N);
-    if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
-    return like->dim() == 1 ? sum : sum.view(like->sizes());
-  };
-  return {dx, finish(pw, weight), finish(pb, bias)};
+  return {dx, finish_partials(pw, weight, N), finish_partials(pb, bias, N)};
 }
 
 // --------------------------------------------------------------------------- gated and grouped calls
@@ -1011,13 +1014,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
       });
     });
   }
-  auto finish = [&](const at::Tensor& part, const std::optional<at::Tensor>& like) {
-    if (!part.defined()) return at::Tensor();
-    at::Tensor sum = part.size(0) == 1 ? part.view({n_full}) : reduce_blocks(part, n_full);
-    if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
-    return like->dim() == 1 ? sum : sum.view(like->sizes());
-  };
-  return {dx, dz, finish(pw, weight), finish(pb, bias)};
+  return {dx, dz, finish_partials(pw, weight, n_full), finish_partials(pb, bias, n_full)};
 }
 
 // A backward with create_graph=True (grad mode on inside it) needs gradients that are themselves
