@@ -240,3 +240,13 @@ def test_residual_calls_are_the_python_paths_bit_for_bit(xd, rd, cast):
     assert torch.equal(y3, y0) and torch.equal(h3, h0)
     with pytest.raises(ValueError, match="residual must have the shape of x"):
         m(x, r[:3])
+
+
+def test_a_module_pickled_before_the_gate_options_loads_and_runs():
+    m = rmsnorm.RMSNorm(8)
+    for name in ("group_size", "gate_mode", "gate_act"):  # what an older rmsnorm pickled
+        del m.__dict__[name]
+    loaded = pickle.loads(pickle.dumps(m))
+    x = torch.randn(2, 8)
+    torch.testing.assert_close(loaded(x), rmsnorm.RMSNorm(8)(x))
+    assert loaded.group_size is None and loaded.gate_mode == "after" and loaded.gate_act == "silu"

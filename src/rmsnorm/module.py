@@ -167,6 +167,13 @@ class RMSNorm(nn.Module):
             self.__dict__.pop("_entry", None)
         super().__setattr__(name, value)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # modules saved before the gate options existed (torch.save of a whole model) load with the defaults
+        state.setdefault("group_size", None)
+        state.setdefault("gate_mode", "after")
+        state.setdefault("gate_act", "silu")
+        super().__setstate__(state)
+
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle (torch.save of a whole model) leave the per-process caches behind
         state = self.__dict__.copy()
