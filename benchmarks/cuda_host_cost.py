@@ -85,6 +85,9 @@ def _callables(m: int, n: int, noop, copy) -> dict:
         with torch.no_grad():
             noop.apply(x, w)
 
+    def noop_grad_fwd():
+        noop.apply(xg, w)
+
     def noop_round_trip():
         noop.apply(xg, w).backward(dy)
 
@@ -113,10 +116,29 @@ def _callables(m: int, n: int, noop, copy) -> dict:
     def ours_round_trip():
         module(xg).backward(dy)
 
+    class General(rmsnorm.RMSNorm):  # a subclass: no eager entry, the general route (rmsnorm.ops.run)
+        pass
+
+    general = General(n, eps=1e-6, dtype=dtype, backend="triton")
+
+    def general_fwd():
+        with torch.no_grad():
+            general(x)
+
+    def general_round_trip():
+        general(xg).backward(dy)
+
+    def functional_fwd():
+        with torch.no_grad():
+            rmsnorm.rms_norm(x, w, eps=1e-6, backend="triton")
+
     return {"kernel[grid]": launch_bare, "CompiledKernel.run": launch_prebound, "no-op forward": noop_fwd,
-            "no-op fwd+bwd": noop_round_trip, "launch.forward, kernel[grid]": unbound(ours_launch),
-            "launch.forward": ours_launch, "forward (no_grad)": ours_fwd, "forward (grad mode)": ours_grad_fwd,
-            "fwd+bwd, kernel[grid]": unbound(ours_round_trip), "fwd+bwd": ours_round_trip}
+            "no-op forward (grad mode)": noop_grad_fwd, "no-op fwd+bwd": noop_round_trip,
+            "launch.forward, kernel[grid]": unbound(ours_launch), "launch.forward": ours_launch,
+            "forward (no_grad), general route": general_fwd, "forward (no_grad)": ours_fwd,
+            "functional (no_grad)": functional_fwd, "forward (grad mode)": ours_grad_fwd,
+            "fwd+bwd, kernel[grid]": unbound(ours_round_trip), "fwd+bwd, general route": general_round_trip,
+            "fwd+bwd": ours_round_trip}
 
 
 def measure(out: Path | None, quick: bool = False) -> list[dict]:
@@ -158,13 +180,15 @@ def measure(out: Path | None, quick: bool = False) -> list[dict]:
         timings = measure_group(fns, samples=3 if quick else 15, min_samples=3 if quick else 5,
                                 budget_s=0.01 if quick else 0.3)
         base_f, base_rt = timings["no-op forward"].median_s, timings["no-op fwd+bwd"].median_s
+        base_g = timings["no-op forward (grad mode)"].median_s
         for name, t in timings.items():
-            base = base_rt if "bwd" in name else base_f
+            base = base_rt if "bwd" in name else base_g if "grad mode" in name else base_f
             rows.append({"m": m, "n": n, "dtype": "bfloat16", "what": name, "median_us": t.median_s * 1e6,
                          "ratio_to_noop": t.median_s / base, "cpu": cpu_model(), "torch": torch.__version__,
                          "triton": triton.__version__})
     print(f"host: {cpu_model()}, torch {torch.__version__}, triton {triton.__version__}, 1 thread, bf16; ratios "
-          "to the no-op autograd.Function (forward rows: its forward; fwd+bwd rows: its round trip)")
+          "to the no-op autograd.Function (no_grad rows: its forward under no_grad; grad-mode rows: its forward "
+          "in grad mode; fwd+bwd rows: its round trip)")
     print("| M×N | " + " | ".join(dict.fromkeys(r["what"] for r in rows)) + " |")
     print("|---|" + "---|" * len(dict.fromkeys(r["what"] for r in rows)))
     for m, n in SHAPES:

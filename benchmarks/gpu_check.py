@@ -89,19 +89,23 @@ def correctness(out: Path) -> bool:
     for dtype in (torch.bfloat16, torch.float32):
         for n in (1000, 4096, 8192, 16384, 32768, 65537, 262144) if not small else (100, 300):
             m = 8 if n <= 32768 else 3
-            cases.append((dtype, m, n, {}))
+            cases.append((dtype, m, n, {}, n % 2 == 0))
         for kw in ({"p": 0.0625}, {"eps_mode": "outside", "cast": "llama"}, {"offset": 1.0}):
             for n in (4096, 16384, 65537) if not small else (64,):
-                cases.append((dtype, 6, n, kw))
-    for dtype, m, n, kw in cases:
-        res_b = n % 2 == 0
+                cases.append((dtype, 6, n, kw, n % 2 == 0))
+        for kw in ({}, {"p": 0.0625, "offset": 1.0}):  # no residual: the eager entry's calls
+            for n in (1000, 4096, 8192) if not small else (64,):
+                cases.append((dtype, 5, n, kw, False))
+    for dtype, m, n, kw, res_b in cases:
         x = rand(m, n, dtype=dtype, device=DEV, scale=2.0)
         w = rand(n, dtype=dtype, device=DEV)
         b = rand(n, dtype=dtype, device=DEV) if res_b else None
         r = rand(m, n, dtype=dtype, device=DEV) if res_b else None
         name = f"{str(dtype)[6:]} {m}x{n} {kw} bias/residual={res_b}"
         try:
-            for _ in range(2):  # the second call launches pre-bound (rmsnorm.backends.triton.prebound)
+            # the second and third calls launch pre-bound (rmsnorm.backends.triton.prebound), those without
+            # a residual through the eager entry (rmsnorm.backends.triton.entry)
+            for _ in range(3):
                 check_against_reference(x, w, b, r, what=name, backend="triton",
                                         low_atol_ulps=1.0 if DEV == "cpu" else 0.0, **kw)
             lines.append(f"PASS {name}")

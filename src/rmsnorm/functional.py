@@ -10,12 +10,12 @@ from torch import Tensor
 from torch.compiler import is_compiling
 
 from . import args as _args
-from .backends.cpu import entry as cpu_entry
+from .backends import entries
 from .ops import run
 from .spec import Cast, Spec, out_dtype_for, round_to
 
 # Eager entries by keyword options (see rms_norm); None where the entry cannot serve them.
-_ENTRIES: dict[tuple, cpu_entry.Entry | None] = {}
+_ENTRIES: dict[tuple, entries.Entry | None] = {}
 
 
 @overload
@@ -86,10 +86,10 @@ def rms_norm(
     """
     key = None
     if normalized_shape is None and gate is None and group_size is None and not is_compiling():
-        # The eager entry (CPU, backends/cpu/entry.py), one per set of options; the key holds the types of
-        # the numbers so that eps=True never finds eps=1's entry (bools are refused on the checked path).
+        # The eager entry of x's device (backends/entries.py), one per set of options; the key holds the types
+        # of the numbers so that eps=True never finds eps=1's entry (bools are refused on the checked path).
         key = (eps, eps.__class__, eps_mode, p, p.__class__, partial_rounding, offset, offset.__class__, cast,
-               out_dtype, backend)
+               out_dtype, backend, x.device.type if x.__class__ is Tensor else None)
         fast: Any
         try:
             fast = _ENTRIES.get(key, False)
@@ -103,8 +103,9 @@ def rms_norm(
             key = None  # known, and the entry cannot serve these options
     spec = resolve(x, weight, bias, residual, normalized_shape, eps, eps_mode, p, partial_rounding, offset, cast,
                    out_dtype, gate, gate_mode, gate_act, group_size)
-    if key is not None and type(x) is Tensor and x.device.type == "cpu" and len(_ENTRIES) < 256:
-        _ENTRIES[key] = cpu_entry.make(None, eps, eps_mode, p, partial_rounding, offset, cast, out_dtype, backend)
+    if key is not None and type(x) is Tensor and len(_ENTRIES) < 256:
+        _ENTRIES[key] = entries.make(x.device.type, None, eps, eps_mode, p, partial_rounding, offset, cast,
+                                     out_dtype, backend)
     y, h = run(x, weight, bias, residual, spec, backend, gate)
     if residual is not None:
         assert h is not None

@@ -10,8 +10,7 @@ from torch import Tensor, nn
 from torch.compiler import is_compiling
 
 from . import args as _args
-from .backends import registry
-from .backends.cpu import entry as cpu_entry
+from .backends import entries, registry
 from .functional import resolve, rms_norm
 from .ops import run
 from .spec import Cast
@@ -114,18 +113,22 @@ class RMSNorm(nn.Module):
                             backend=self.backend, gate=gate, gate_mode=self.gate_mode, gate_act=self.gate_act,
                             group_size=self.group_size)
         if not is_compiling() and type(self) is RMSNorm:
-            # The eager entry (CPU, backends/cpu/entry.py): one C++ call, or None for the paths below.
-            # Parameters come straight from _parameters (a subclass made by parametrize has its own lookup).
+            # The eager entry of x's device (backends/entries.py: one C++ call on CPU, a bound Triton launch
+            # on the GPU), or None for the paths below. Parameters come straight from _parameters (a
+            # subclass made by parametrize has its own lookup).
             fast = self.__dict__.get("_entry")
-            if fast:
-                params = self._parameters
-                y = fast[0](fast[1], x, params.get("weight"), params.get("bias"), residual)
-                if y is not None:
-                    return y  # (y, x + residual) with a residual
-            elif fast is None and type(x) is Tensor and x.device.type == "cpu":
-                self.__dict__["_entry"] = cpu_entry.make(
-                    self.normalized_shape, self.eps, self.eps_mode, self.p, self.partial_rounding, self.offset,
-                    self.cast, self.out_dtype, self.backend) or False
+            if fast is not None:
+                if fast[0] is not None:
+                    params = self._parameters
+                    y = fast[0](fast[1], x, params.get("weight"), params.get("bias"), residual)
+                    if y is not None:
+                        return y  # (y, x + residual) with a residual
+                if type(x) is Tensor and x.device.type != fast[2]:
+                    del self.__dict__["_entry"]  # the module moved to another device: a new entry next call
+            elif type(x) is Tensor:
+                self.__dict__["_entry"] = entries.make(
+                    x.device.type, self.normalized_shape, self.eps, self.eps_mode, self.p, self.partial_rounding,
+                    self.offset, self.cast, self.out_dtype, self.backend) or (None, None, x.device.type)
         if residual is None and type(x) is Tensor and not is_compiling():
             # Other devices (and what the entry declines): the checked arguments are cached per dtypes
             # and devices; changing an option (or a parameter) clears the cache (__setattr__), and only x's

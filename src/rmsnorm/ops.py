@@ -1,6 +1,8 @@
 """The autograd / custom-op layer: where each call goes.
 
-Dispatch table of :func:`run` (first match wins):
+Dispatch table of :func:`run` (first match wins). Before it, a module or ``rms_norm`` call on plain
+tensors tries its device's eager entry (:mod:`rmsnorm.backends.entries`), which serves the common case
+with the same kernels and results and hands everything else to :func:`run`.
 
 ============================================  =========================================================
 the call                                      route

@@ -74,9 +74,9 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr,
               NORM_TY: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
-              GATE_ROUND_TY: tl.constexpr = tl.float32):
+              GATE_ROUND_TY: tl.constexpr = tl.float32, STORE_RSTD: tl.constexpr = True):
     """GATE (rows of N, contiguous Z): 1 normalizes x * act(z), 2 multiplies the output by act(z) after
-    rounding it through GATE_ROUND_TY."""
+    rounding it through GATE_ROUND_TY. STORE_RSTD False: no backward will follow (RSTD is not written)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -99,7 +99,8 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
     if PARTIAL:
         xs = tl.where(cols[None, :] < K, xs, 0.0)
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
-    tl.store(RSTD + rows, rstd, mask=rmask)
+    if STORE_RSTD:
+        tl.store(RSTD + rows, rstd, mask=rmask)
     y = _finish_row(hf, rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, HAS_W, HAS_B, ROUND_TY)
     if GATE == 2:
         y = y.to(GATE_ROUND_TY).to(tl.float32) * a

@@ -111,7 +111,8 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         grid = (-(-m // cfg.block_m),)  # (triton.cdiv is a constexpr function: 2 µs a call)
         FWD_ROWS.launch(grid, (*ptrs, *scalars, gate if gate is not None else x),
                         {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PARTIAL": spec.k < n,
-                         "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gate is not None)}, x.device)
+                         "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gate is not None),
+                         "STORE_RSTD": True}, x.device)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)

@@ -52,43 +52,64 @@ def _hooked(rt: Any) -> bool:
     return False
 
 
+class Bound:
+    """One launch of one kernel specialization (grid, constexprs and launch options fixed):
+    ``bound(*args)`` launches it. The first call goes through Triton's own path (which compiles and caches the
+    kernel) and keeps the compiled kernel; later calls run it directly. The caller guarantees that every later
+    call's arguments specialize as the first call's did (see :class:`Prebound` for what Triton looks at)."""
+
+    __slots__ = ("bindable", "compiled", "consts", "grid", "index", "kernel", "stream", "tail")
+
+    def __init__(self, kernel: Any, grid: Sequence[int], consts: dict, device: torch.device) -> None:
+        self.kernel, self.consts = kernel, consts
+        self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+        self.bindable = device.type in DEVICES
+        self.index = device.index
+        self.compiled: Any = None
+        self.tail: tuple = ()
+        self.stream: Any = None
+
+    def __call__(self, *args: Any) -> None:
+        compiled = self.compiled
+        if compiled is not None and _enabled[0] and not _hooked((_triton or _import_triton())[0].runtime):
+            g = self.grid
+            try:
+                compiled.run(g[0], g[1], g[2], self.stream(self.index), compiled.function, compiled.packed_metadata,
+                             None, None, None, *args, *self.tail)
+                return
+            except TypeError:  # a Triton whose launcher takes other arguments: its own path from now on
+                _enabled[0] = False
+        compiled = self.kernel[self.grid](*args, **self.consts)  # Triton's own path: compiles, caches, launches
+        if self.compiled is None and self.bindable and _enabled[0]:
+            active = (_triton or _import_triton())[1].active
+            names = self.kernel.arg_names[len(args):]
+            if all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")) and all(
+                    n in self.consts for n in names):
+                if self.index is None:
+                    self.index = active.get_current_device()
+                self.stream = active.get_current_stream  # (the driver's; Triton keeps one per process)
+                self.tail = tuple(self.consts[n] for n in names)
+                self.compiled = compiled
+
+
 class Prebound:
-    """``Prebound(kernel).launch(grid, args, consts, stream)``: the same launch as ``kernel[grid](*args,
+    """``Prebound(kernel).launch(grid, args, consts, device)``: the same launch as ``kernel[grid](*args,
     **consts)``; ``args`` are the kernel's runtime arguments in order, ``consts`` its constexprs and launch
-    options (num_warps) by name."""
+    options (num_warps) by name. One :class:`Bound` per key (below)."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
-        self._cache: dict[tuple, tuple] = {}
+        self._cache: dict[tuple, Bound] = {}
 
     def launch(self, grid: Sequence[int], args: tuple, consts: dict, device: torch.device) -> None:
         if not _enabled[0] or device.type not in DEVICES:
             self.kernel[grid](*args, **consts)
             return
-        knobs, driver = _triton or _import_triton()
-        if _hooked(knobs.runtime):
-            self.kernel[grid](*args, **consts)
-            return
-        index = device.index if device.index is not None else driver.active.get_current_device()
-        key = (index, *consts.items(),
+        key = (device, *grid, None, *consts.items(),
                *[(a.dtype, a.data_ptr() % 16) if isinstance(a, torch.Tensor) else a for a in args])
-        hit = self._cache.get(key)
-        if hit is None:
+        bound = self._cache.get(key)
+        if bound is None:
             if len(self._cache) >= MAX_ENTRIES:
                 self._cache.clear()
-            compiled = self.kernel[grid](*args, **consts)  # Triton's own path: compiles, caches, launches
-            names = self.kernel.arg_names[len(args):]
-            if all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")) and all(
-                    n in consts for n in names):
-                self._cache[key] = (compiled, tuple(consts[n] for n in names))
-            return
-        compiled, tail = hit
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        stream = driver.active.get_current_stream(index)
-        try:
-            compiled.run(grid[0], g1, g2, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                         *args, *tail)
-        except TypeError:  # a Triton whose launcher takes other arguments: its own path from now on
-            _enabled[0] = False
-            self.kernel[grid](*args, **consts)
+            bound = self._cache[key] = Bound(self.kernel, grid, consts, device)
+        bound(*args)

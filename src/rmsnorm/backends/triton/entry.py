@@ -1,0 +1,291 @@
+"""The triton backend's eager entry: a norm call on the GPU in a few microseconds of host time.
+
+Small norms on a GPU are launch-bound: the GPU waits while the host prepares each launch. The general route
+(:func:`rmsnorm.ops.run`: argument checks, backend selection, row views, the launcher's specialization key)
+costs several times a launch. An entry, like the cpu backend's (``backends/cpu/entry.py``), holds a module's
+options (or one set of ``rms_norm`` keyword arguments) and serves the common call with one dictionary
+lookup: the key is what the launch depends on (x's shape, strides, dtype, device and 16-byte alignment, the
+same for the gain and bias, and which tensors need gradients); its value, :class:`Rows`, was built by the
+checked route's own pieces (``resolve``, the registry's choice, the launch heuristics) on the first call
+with that key, and holds the kernels bound to that specialization (:class:`~.prebound.Bound`). Later
+calls allocate the output and launch: no checks beyond the key, no views, no Triton specialization.
+
+Served: plain tensors (no subclass), rows of one trailing dimension, contiguous x (or (M, N) with unit
+column stride), no residual, rows that fit the row kernels (forward, and in grad mode also the backward),
+no tracing, torch.func transforms, forward-mode AD or dispatch modes. Anything else answers None and the
+caller takes the general route, which raises every error. Outputs and gradients are the general route's,
+bit for bit (the same kernels with the same launch parameters); backwards with ``create_graph=True`` and
+unusual gradients (another dtype or layout) take the general backward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as _forward_ad
+from torch import Tensor
+
+from ...spec import Cast, Spec
+from .. import registry
+
+_is_grad_enabled = torch.is_grad_enabled
+_tracing = torch._C._get_tracing_state
+_transforms = torch._C._are_functorch_transforms_active
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_GENERATION = [0]  # bumped when the backend choice may change: every entry rebuilds its table
+_listening: list[bool] = []
+MAX_KEYS = 64  # distinct (shape, layout, dtype ...) keys remembered per entry (then it starts over)
+
+
+def _changed() -> None:
+    _GENERATION[0] += 1
+
+
+class Plan:
+    """The options of one module (or one set of ``rms_norm`` keyword arguments) and their launch table."""
+
+    __slots__ = ("generation", "options", "table")
+
+    def __init__(self, options: tuple) -> None:
+        self.options = options  # resolve()'s option arguments: normalized_shape ... out_dtype
+        self.table: dict[tuple, Rows | None] = {}
+        self.generation = _GENERATION[0]
+
+
+def make(normalized_shape: Sequence[int] | None, eps: float | None, eps_mode: str, p: float,
+         partial_rounding: str, offset: float, cast: str | Cast, out_dtype: torch.dtype | None,
+         backend: str | None) -> tuple[Any, Plan] | None:
+    """An entry ``(call, plan)`` for these options, or None when the triton backend cannot serve them."""
+    if backend not in (None, "triton") or (backend is None and registry.default() not in (None, "triton")):
+        return None
+    if registry.get("triton").unavailable_reason() is not None:
+        return None
+    if not _listening:
+        _listening.append(True)
+        registry.on_change(_changed)
+    return call, Plan((None if normalized_shape is None else tuple(normalized_shape), eps, eps_mode, p,
+                       partial_rounding, offset, cast, out_dtype, backend))
+
+
+def _tensor_key(t: Tensor | None) -> tuple | None:
+    if t is None:
+        return None
+    return t.__class__, t.dtype, t.shape, t.stride(), t.device, t.data_ptr() & 15, t.requires_grad, t.is_neg()
+
+
+def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+         residual: Tensor | None) -> Tensor | None:
+    """y, or None for anything this entry does not serve (the caller then takes the general route)."""
+    if (residual is not None or x.__class__ is not Tensor or _tracing() is not None or _transforms()
+            or _forward_ad._current_level >= 0 or _dispatch_modes() or x.is_neg()):
+        return None
+    grad = _is_grad_enabled()
+    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, grad and x.requires_grad,
+           grad and x.is_inference(), grad,
+           None if weight is None else (weight.__class__, weight.dtype, weight.shape, weight.stride(), weight.device,
+                                        weight.data_ptr() & 15, weight.requires_grad, weight.is_neg()),
+           _tensor_key(bias))
+    if plan.generation != _GENERATION[0]:
+        plan.table.clear()
+        plan.generation = _GENERATION[0]
+    try:
+        rows = plan.table[key]
+    except KeyError:
+        if len(plan.table) >= MAX_KEYS:
+            plan.table.clear()
+        rows = plan.table[key] = _plan_rows(plan, x, weight, bias)
+    if rows is None:
+        return None
+    if grad and (x.requires_grad or (weight is not None and weight.requires_grad)
+                 or (bias is not None and bias.requires_grad)):
+        return EntryFunction.apply(x, weight, bias, rows)
+    y = torch.empty(rows.shape, dtype=rows.out_dtype, device=rows.device)  # (Rows.forward, inlined)
+    rows.fwd(x, x, x if weight is None else weight, x if bias is None else bias, y, y, y, *rows.scalars, x)
+    return y
+
+
+def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Rows | None:
+    """The launch plan for this key, built by the general route's checks and heuristics; None where the
+    entry does not serve the call (the general route then serves it, and raises any error)."""
+    from ...functional import resolve
+
+    try:
+        spec = resolve(x, weight, bias, None, *plan.options[:-1])
+        be = registry.select(plan.options[-1], x, None, spec)
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    if be.name != "triton" or spec.normalized_ndim != 1 or not spec.kernel_plain or spec.k == 0:
+        return None
+    if x.is_neg() or x.numel() == 0 or not (x.is_contiguous() or (x.dim() == 2 and x.stride(1) == 1)):
+        return None
+    for t in (weight, bias):
+        if t is not None and (t.__class__ not in (Tensor, torch.nn.Parameter) or t.is_neg() or t.dim() != 1
+                              or not t.is_contiguous()):
+            return None
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
+    if grad and x.is_inference():
+        return None
+    return Rows.build(x, weight, bias, spec, be, grad)
+
+
+class Rows:
+    """Launches for one key: the forward row kernel (and, for calls that need gradients, the backward row
+    kernel and the partial-sum kernel), bound to the key's specialization."""
+
+    __slots__ = (
+        "backend",
+        "bwd",
+        "bwd_cfg",
+        "device",
+        "dw_dtype",
+        "fwd",
+        "fwd_rstd",
+        "m",
+        "n",
+        "out_dtype",
+        "rstd_shape",
+        "scalars",
+        "shape",
+        "spec",
+        "stride",
+        "sum_db",
+        "sum_dw",
+        "x_dtype",
+    )
+
+    def __init__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
+                 fwd_cfg: Any, bwd_cfg: Any) -> None:
+        from . import kernels
+        from .launch import _TL, _gate_consts, _round_ty, prebound
+
+        n = x.shape[-1]
+        m = x.numel() // n
+        self.spec, self.backend, self.device, self.m, self.n, self.x_dtype = spec, be, x.device, m, n, x.dtype
+        self.shape, self.rstd_shape = x.shape, x.shape[:-1]
+        self.stride: int = x.stride(0) if x.dim() == 2 else n
+        self.out_dtype: torch.dtype = spec.out_dtype
+        self.scalars = (self.stride, self.stride, m, n, spec.k, spec.eps, spec.offset)  # the forward's
+        consts = {"BLOCK_M": fwd_cfg.block_m, "BLOCK_N": fwd_cfg.block_n, "PARTIAL": spec.k < n,
+                  "num_warps": fwd_cfg.num_warps, "HAS_R": False, "HAS_W": weight is not None,
+                  "HAS_B": bias is not None, "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
+                  "NORM_TY": _TL[x.dtype], **_gate_consts(spec, False)}
+        grid = (-(-m // fwd_cfg.block_m),)
+        self.fwd = prebound.Bound(kernels._fwd_rows, grid, {**consts, "STORE_RSTD": False}, x.device)
+        self.fwd_rstd = prebound.Bound(kernels._fwd_rows, grid, {**consts, "STORE_RSTD": True}, x.device)
+        self.bwd_cfg = bwd_cfg
+        self.bwd: dict[tuple, prebound.Bound] = {}
+        self.sum_dw: prebound.Bound | None = None
+        self.sum_db: prebound.Bound | None = None
+        # dW in the weight's dtype from the partial-sum kernel on a GPU; fp32 under the interpreter (whose
+        # bf16 stores truncate), cast afterwards (as launch.backward)
+        self.dw_dtype = weight.dtype if weight is not None and x.device.type in prebound.DEVICES else torch.float32
+
+    @classmethod
+    def build(cls, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
+              grad: bool) -> Rows | None:
+        """The plan for x's rows, or None where they need another kernel than the row kernels."""
+        from . import launch  # (its configuration lookups: one place decides for both routes)
+
+        n = x.shape[-1]
+        m = x.numel() // n
+        cfg = launch.fwd_config(m, n, x.element_size())
+        bcfg = launch.bwd_config(m, n, launch.sm_count(x.device), x.element_size()) if grad else None
+        if not cfg.single or (bcfg is not None and not bcfg.single):
+            return None
+        return cls(x, weight, bias, spec, be, cfg, bcfg)
+
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, keep: bool
+                ) -> tuple[Tensor, Tensor | None]:
+        """(y, rstd if ``keep``) for this key's x."""
+        y = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
+        rstd = torch.empty(self.rstd_shape, dtype=torch.float32, device=self.device) if keep else None
+        (self.fwd_rstd if keep else self.fwd)(x, x, x if weight is None else weight, x if bias is None else bias, y,
+                                              y, y if rstd is None else rstd, *self.scalars, x)
+        return y, rstd
+
+    def backward(self, dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, need_dx: bool,
+                 need_dw: bool, need_db: bool) -> tuple | None:
+        """(dx, dw, db) (None where not needed), or None when ``dy`` is not laid out as y is."""
+        if (dy.__class__ is not Tensor or dy.dtype != self.spec.out_dtype or dy.shape != self.shape
+                or not dy.is_contiguous() or dy.is_neg()):
+            return None
+        key = (need_dw, need_db, dy.data_ptr() & 15)
+        bound = self.bwd.get(key)
+        if bound is None:
+            bound = self.bwd[key] = self._bind_backward(need_dw, need_db, weight is not None)
+        cfg, n = self.bwd_cfg, self.n
+        dx = torch.empty(self.shape, dtype=self.x_dtype, device=self.device)
+        alloc = torch.empty if cfg.acc_in_regs else torch.zeros
+        dwp = alloc((cfg.programs, n), dtype=torch.float32, device=self.device) if need_dw else None
+        dbp = alloc((cfg.programs, n), dtype=torch.float32, device=self.device) if need_db else None
+        spec = self.spec
+        bound(dy, x, x, x if weight is None else weight, rstd, dx, rstd if dwp is None else dwp,
+              rstd if dbp is None else dbp, n, self.stride, self.stride, self.m, n, spec.k, spec.eps, spec.offset,
+              x, dx, x)
+        dw = self._sum(dwp, self.dw_dtype, weight) if dwp is not None else None
+        if dw is not None and weight is not None and dw.dtype != weight.dtype:
+            dw = dw.to(weight.dtype)  # (fp32 sums under the interpreter, as in launch.backward)
+        db = self._sum(dbp, torch.float32, None) if dbp is not None else None
+        return (dx if need_dx else None), dw, db
+
+    def _bind_backward(self, need_dw: bool, need_db: bool, has_w: bool) -> Any:
+        from . import kernels
+        from .launch import _gate_consts, _round_ty, prebound
+
+        cfg, spec = self.bwd_cfg, self.spec
+        consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
+                  "num_warps": cfg.num_warps, "HAS_DH": False, "HAS_W": has_w, "NEED_DW": need_dw,
+                  "NEED_DB": need_db, "PARTIAL": spec.k < self.n, "EPS_OUTSIDE": spec.eps_outside,
+                  "ROUND_TY": _round_ty(spec), **_gate_consts(spec, False), "HAS_B": False}
+        return prebound.Bound(kernels._bwd_rows, (cfg.programs,), consts, self.device)
+
+    def _sum(self, part: Tensor, dtype: torch.dtype, weight: Tensor | None) -> Tensor:
+        """The column sums of the per-program partials, in the parameter's dtype (see launch._sum_partials)."""
+        from . import kernels
+        from .launch import SUM_BLOCK, prebound
+
+        rows, n = part.shape
+        if rows == 1 and dtype == torch.float32:
+            out = part.view(n)
+        else:
+            out = torch.empty((n,), dtype=dtype, device=self.device)
+            attr = "sum_dw" if weight is not None else "sum_db"
+            bound = getattr(self, attr)
+            if bound is None:
+                bound = prebound.Bound(kernels._sum_partials, (-(-n // SUM_BLOCK),),
+                                       {"BLOCK_N": SUM_BLOCK, "num_warps": 4}, self.device)
+                setattr(self, attr, bound)
+            bound(part, out, rows, n)
+        return out
+
+
+class EntryFunction(torch.autograd.Function):
+    """Autograd for an entry's call: the forward and backward row kernels as bound in :class:`Rows`; a
+    backward with create_graph=True or an unusual gradient takes the general backward
+    (:func:`rmsnorm.ops._input_grads`, the same saved state as the general route's)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, rows: Rows) -> Tensor:
+        y, rstd = rows.forward(x, weight, bias, True)
+        ctx.save_for_backward(x, weight, bias, rstd)
+        ctx.rows = rows
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, dy: Tensor | None) -> tuple:
+        rows: Rows = ctx.rows
+        x, weight, bias, rstd = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        if dy is not None and not torch.is_grad_enabled():
+            out = rows.backward(dy, x, weight, rstd, needs[0], weight is not None and needs[1],
+                                bias is not None and needs[2])
+            if out is not None:
+                dx, dw, db = out
+                return dx, dw, (None if db is None or bias is None else db.to(bias.dtype)), None
+        from ...ops import _backward_direct, _input_grads
+
+        ctx.spec, ctx.x_dtype, ctx.backend = rows.spec, rows.x_dtype, rows.backend
+        dx, dw, db, _ = _input_grads(ctx, dy, None, _backward_direct)
+        return dx, dw, db, None
