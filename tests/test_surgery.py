@@ -376,6 +376,41 @@ def test_llama4_norms_are_recognised():
             assert a.dtype == b.dtype and torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-5), k
 
 
+def test_unweighted_grouped_and_shapeless_norms_are_recognised():
+    """Gainless norms of no fixed shape (Inkling-2's unweighted RMSNorm, a Muse norm without a gain or dim)
+    and Qwen4-Exp's grouped 1 + w norm are replaced with their numerics."""
+    tf = pytest.importorskip("transformers")
+    mods = {}
+    for name, module, cls, kw in (("inkling", "inkling2", "Inkling2UnweightedRMSNorm", {"eps": 1e-6}),
+                                  ("muse", "muse_glimmer", "MuseGlimmerRMSNorm", {"with_scale": False}),
+                                  ("qwen4", "qwen4_exp", "Qwen4ExpTextRMSNorm", {"dim": 64}),
+                                  ("qwen4_grouped", "qwen4_exp", "Qwen4ExpTextRMSNorm", {"dim": 64, "group_size": 16})):
+        try:
+            lib = __import__(f"transformers.models.{module}.modeling_{module}", fromlist=[cls])
+        except ImportError:
+            continue
+        mods[name] = getattr(lib, cls)(**kw)
+    if not mods:
+        pytest.skip(f"none of these families in transformers {tf.__version__}")
+    holder = nn.ModuleDict(mods)
+    with torch.no_grad():
+        for m in holder.values():
+            if getattr(m, "weight", None) is not None:
+                m.weight.normal_(0.0, 0.5)
+    originals = dict(holder.items())
+    report = rmsnorm.accelerate(holder)
+    assert len(report.changed) == len(mods) and not report.skipped, str(report)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 64, dtype=dtype)
+        for k in mods:
+            a, b = holder[k](x), originals[k](x)
+            assert a.dtype == b.dtype, k
+            if dtype == torch.float32:
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
+            else:  # at most one bf16 ulp apart
+                assert (a.float() - b.float()).abs().max() <= 2 ** -7 * b.float().abs().max().clamp_min(1), k
+
+
 def test_accelerate_partitioned_weights():
     """DeepSpeed ZeRO-3 leaves each weight as an empty shard with its full shape in ds_shape."""
     model = _decoder("llama")

@@ -13,11 +13,14 @@ Presets (families, examples; numerics):
 - gemma: Gemma, Gemma 2/3, RecurrentGemma; gain 1 + w (offset=1), all fp32, output in the input dtype.
 - olmo: OLMo hybrid, FlexOlmo, AFMoE, Helium, Nemotron-H, Moshi; all fp32 (gain included, in fp32 or cast
   to it), output in the input dtype.
-- gemma4: Gemma 3n/4 (``with_scale``); all fp32, optional gain, output in the input dtype.
+- gemma4: Gemma 3n/4, Muse (``with_scale``); all fp32, optional gain, output in the input dtype (without
+  a gain or a dim: a LastDimRMSNorm).
+- gemma_grouped: Qwen4-Exp; gain 1 + w (offset=1), optionally by groups of ``group_size``, all fp32.
 - t5: T5, LongT5, UMT5, Switch, Pix2Struct, Idefics; fp32 statistics, rounded to a half-precision gain's
   dtype, output in the gain's dtype (cast="t5": follows the gain through .to() / .half()).
 - llama4: Llama 4's text RMSNorm (normalized in fp32, rounded to the input dtype, times the gain:
-  cast="llama"); l2norm: its gainless Llama4TextL2Norm over the last dimension (a LastDimRMSNorm).
+  cast="llama"); l2norm: its gainless Llama4TextL2Norm (and Inkling-2's unweighted RMSNorm) over the last
+  dimension (a LastDimRMSNorm).
 
 Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and records the full shape as
 ``ds_shape``) are shared as they are; the replacement takes its shape from ``ds_shape``.
@@ -99,11 +102,28 @@ def forward(self, x):
     output = self._norm(x.float()).type_as(x)
     return output * self.weight
 """,
-    "l2norm": """
+    "l2norm": ("""
 def _norm(self, x):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
 def forward(self, x):
     return self._norm(x.float()).type_as(x)
+""", """
+def forward(self, hidden_states):
+    input_dtype = hidden_states.dtype
+    hidden_states = hidden_states.float()
+    hidden_states = hidden_states * torch.rsqrt(hidden_states.square().mean(-1, keepdim=True) + self.eps)
+    return hidden_states.to(input_dtype)
+"""),
+    "gemma_grouped": """
+def _norm(self, x):
+    if self.group_size is not None:
+        x = x.reshape(*x.shape[:-1], -1, self.group_size)
+    out = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+    return out.flatten(-2) if self.group_size is not None else out
+def forward(self, x):
+    output = self._norm(x.float())
+    output = output * (1.0 + self.weight.float())
+    return output.type_as(x)
 """,
     "gemma4": """
 def _norm(self, hidden_states):
@@ -296,14 +316,25 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
             elif mode == "before" and not isinstance(group, int):
                 raise ValueError(f"{type(module).__name__} has no int group_size")
             new = GatedRMSNorm(shape, eps, cast=cast, gate_mode=mode, gate_act=act, group_size=group)
+        elif family == "gemma_grouped":  # gain 1 + w, optionally by groups of group_size
+            assert shape is not None
+            group = getattr(module, "group_size", None)
+            if group is not None and (not isinstance(group, int) or group < 1 or shape[-1] % group):
+                raise ValueError(f"{type(module).__name__}'s group_size {group!r} does not divide {shape[-1]}")
+            new = RMSNorm(shape, eps, offset=1.0, group_size=group)
         elif family == "gemma4":
             with_scale = bool(getattr(module, "with_scale", weight is not None))
             if shape is None:
                 dim = getattr(module, "dim", None)
-                if not isinstance(dim, int):
-                    raise ValueError(f"{type(module).__name__} has neither a weight nor an int dim")
-                shape = (dim,)
-            new = RMSNorm(shape, eps, elementwise_affine=with_scale)
+                if isinstance(dim, int):
+                    shape = (dim,)
+            if shape is None and not with_scale:  # no gain and no fixed shape: over the last dimension
+                assert eps is not None
+                new = LastDimRMSNorm(eps)
+            elif shape is None:
+                raise ValueError(f"{type(module).__name__} has a gain but neither a weight nor an int dim")
+            else:
+                new = RMSNorm(shape, eps, elementwise_affine=with_scale)
         else:
             raise ValueError(f"unknown family {family!r}")
     if getattr(new, "weight", None) is not None:
