@@ -40,7 +40,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, "max_position_embeddings": 256,
          "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16, "n_embd": 64, "n_layer": 2,
          "n_head": 4, "moe_intermediate_size": 32, "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4,
-         "num_experts_per_tok": 2, "shared_expert_intermediate_size": 32, "kv_lora_rank": 16, "q_lora_rank": 16,
+         "num_experts_per_tok": 2, "num_experts_per_token": 2, "shared_expert_intermediate_size": 32, "kv_lora_rank": 16, "q_lora_rank": 16,
          "qk_rope_head_dim": 8, "qk_nope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1,
          "embed_dim": 64, "projection_dim": 64, "num_decoder_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
          "sliding_window": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
