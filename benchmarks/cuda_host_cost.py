@@ -14,8 +14,8 @@ Compared in one interleaved run (medians, see rmsnorm.bench.timing), as ratios t
 an ``rmsnorm.RMSNorm(backend="triton")`` module call (no_grad), a grad-mode call, and forward + backward
 through autograd (the eager entry, rmsnorm.backends.triton.entry), the same module calls through the
 general route (a subclass: no entry), a functional ``rms_norm`` call, and, for comparison, every launch
-through Triton's own ``kernel[grid]`` path instead of pre-bound (rmsnorm.backends.triton.prebound). Also: one bare ``kernel[grid](...)`` launch and a pre-bound ``CompiledKernel.run``
-of a copy kernel.
+through Triton's own ``kernel[grid]`` path instead of pre-bound (rmsnorm.backends.triton.prebound).
+Also: one bare ``kernel[grid](...)`` launch and a pre-bound ``CompiledKernel.run`` of a copy kernel.
 The host (CPU model) matters: name it with the numbers.
 """
 
