@@ -235,7 +235,7 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "torch's mean, so single norms differ from the original by at most one bf16 ulp, which a model carries "
         "on. The reference backend makes each norm's rows contiguous before it reduces them; a norm that receives "
         "a non-contiguous view (Inkling-2's per-head value norm) is reduced by torch in another order, one fp32 "
-        "ulp apart, hence a **no** there. Targets: fp32 ≤ 1e-5, bf16 ≤ 1 ulp, grads ≤ 1e-4. Families whose tiny "
+        "ulp apart, hence its 'no'. Targets: fp32 ≤ 1e-5, bf16 ≤ 1 ulp, grads ≤ 1e-4. Families whose tiny "
         "model could not be built "
         "from input ids alone are listed with the reason; their norm classes are in the module-level table "
         "([surgery.md](surgery.md)).", "",
