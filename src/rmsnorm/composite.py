@@ -17,6 +17,9 @@ ONNX exporter: RMSNormalization from opset 23); jit tracing always gets the deco
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -102,6 +105,22 @@ def gated_graph_grads(dy: Tensor, x: Tensor, weight: Tensor | None, bias: Tensor
     got = iter(torch.autograd.grad(gated(x, weight, bias, gate, spec), inputs, dy, create_graph=True))
     return tuple(next(got) if need and t is not None else None
                  for t, need in zip((x, weight, bias, gate), needs, strict=True))
+
+
+def gated_backward(ctx: Any, dy: Tensor, kernel: Callable[..., tuple]) -> tuple[Tensor | None, ...]:
+    """The backward of a fused gated ``autograd.Function`` that saved (x, weight, bias, gate, rstd) and
+    ``ctx.spec``: with create_graph=True the differentiable gradients above, else
+    ``kernel(dy, x, weight, bias, gate, rstd, need_dw, need_db)`` -> (dx, dz, dw, db) in the inputs'
+    dtypes and shapes. Returns the gradients of (x, weight, bias, gate, spec)."""
+    x, weight, bias, gate, rstd = ctx.saved_tensors
+    needs = ctx.needs_input_grad[:4]
+    if torch.is_grad_enabled():
+        return (*gated_graph_grads(dy, x, weight, bias, gate, ctx.spec, needs), None)
+    need_dw = weight is not None and needs[1]
+    need_db = bias is not None and needs[2]
+    dx, dz, dw, db = kernel(dy, x, weight, bias, gate, rstd, need_dw, need_db)
+    return (dx if needs[0] else None, dw if need_dw else None, db if need_db else None,
+            dz if gate is not None and needs[3] else None, None)
 
 
 def _affine(xhat: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, cd: torch.dtype,

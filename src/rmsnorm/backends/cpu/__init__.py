@@ -52,18 +52,13 @@ class GatedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, gate, rstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients of the decomposition
-            from ...composite import gated_graph_grads
+        from ...composite import gated_backward
 
-            return (*gated_graph_grads(dy, x, weight, bias, gate, ctx.spec, needs), None)
-        need_dw = weight is not None and needs[1]
-        need_db = bias is not None and needs[2]
-        dx, dz, dw, db = build.module().backward_gated(dy, x, weight, bias, gate, rstd, ctx.spec, need_dw, need_db,
-                                                       *ctx.launch)
-        return (dx if needs[0] else None, dw if need_dw else None, db if need_db else None,
-                dz if gate is not None and needs[3] else None, None)
+        def kernel(dy, x, weight, bias, gate, rstd, need_dw, need_db):
+            return build.module().backward_gated(dy, x, weight, bias, gate, rstd, ctx.spec, need_dw, need_db,
+                                                 *ctx.launch)
+
+        return gated_backward(ctx, dy, kernel)
 
 
 def gated_autograd(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,

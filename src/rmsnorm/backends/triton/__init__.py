@@ -67,24 +67,20 @@ class GatedFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, gate, rstd = ctx.saved_tensors
-        needs = ctx.needs_input_grad[:4]
-        if torch.is_grad_enabled():  # create_graph=True: differentiable gradients of the decomposition
-            from ...composite import gated_graph_grads
-
-            return (*gated_graph_grads(dy, x, weight, bias, gate, ctx.spec, needs), None)
+        from ...composite import gated_backward
         from .launch import backward
 
-        n = x.shape[-1]
-        x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
-        dz = torch.empty(z2.shape, dtype=gate.dtype, device=x.device)
-        need_dw, need_db = weight is not None and needs[1], bias is not None and needs[2]
-        dx, dw, db = backward(dy.reshape(-1, n).contiguous(), None, x2, weight, rstd, ctx.spec, need_dw, need_db,
-                              gate=z2, bias=bias, dz=dz)
-        return (dx.view(x.shape) if needs[0] else None,
-                dw.to(weight.dtype) if need_dw and dw is not None and weight is not None else None,
-                db.to(bias.dtype) if need_db and db is not None and bias is not None else None,
-                dz.view(gate.shape) if needs[3] else None, None)
+        def kernel(dy, x, weight, bias, gate, rstd, need_dw, need_db):
+            n = x.shape[-1]
+            x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
+            dz = torch.empty(z2.shape, dtype=gate.dtype, device=x.device)
+            dx, dw, db = backward(dy.reshape(-1, n).contiguous(), None, x2, weight, rstd, ctx.spec, need_dw,
+                                  need_db, gate=z2, bias=bias, dz=dz)
+            return (dx.view(x.shape), dz.view(gate.shape),
+                    dw.to(weight.dtype) if need_dw and dw is not None and weight is not None else None,
+                    db.to(bias.dtype) if need_db and db is not None and bias is not None else None)
+
+        return gated_backward(ctx, dy, kernel)
 
 
 def gated_call(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, gate: torch.Tensor,

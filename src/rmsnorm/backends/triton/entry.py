@@ -81,12 +81,10 @@ def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     if (residual is not None or x.__class__ is not Tensor or _tracing() is not None or _transforms()
             or _forward_ad._current_level >= 0 or _dispatch_modes() or x.is_neg()):
         return None
-    grad = _is_grad_enabled()
-    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, grad and x.requires_grad,
-           grad and x.is_inference(), grad,
-           None if weight is None else (weight.__class__, weight.dtype, weight.shape, weight.stride(), weight.device,
-                                        weight.data_ptr() & 15, weight.requires_grad, weight.is_neg()),
-           _tensor_key(bias))
+    needs = _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
+                                    or (bias is not None and bias.requires_grad))
+    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, needs, needs and x.is_inference(),
+           _tensor_key(weight), _tensor_key(bias))
     if plan.generation != _GENERATION[0]:
         plan.table.clear()
         plan.generation = _GENERATION[0]
@@ -95,20 +93,18 @@ def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
     except KeyError:
         if len(plan.table) >= MAX_KEYS:
             plan.table.clear()
-        rows = plan.table[key] = _plan_rows(plan, x, weight, bias)
+        rows = plan.table[key] = _plan_rows(plan, x, weight, bias, needs)
     if rows is None:
         return None
-    if grad and (x.requires_grad or (weight is not None and weight.requires_grad)
-                 or (bias is not None and bias.requires_grad)):
+    if needs:
         return EntryFunction.apply(x, weight, bias, rows)
-    y = torch.empty(rows.shape, dtype=rows.out_dtype, device=rows.device)  # (Rows.forward, inlined)
-    rows.fwd(x, x, x if weight is None else weight, x if bias is None else bias, y, y, y, *rows.scalars, x)
-    return y
+    return rows.forward(x, weight, bias, False)[0]
 
 
-def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None) -> Rows | None:
-    """The launch plan for this key, built by the general route's checks and heuristics; None where the
-    entry does not serve the call (the general route then serves it, and raises any error)."""
+def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, grad: bool) -> Rows | None:
+    """The launch plan for this key (``grad``: the call records a backward), built by the general route's
+    checks and heuristics; None where the entry does not serve the call (the general route then serves
+    it, and raises any error)."""
     from ...functional import resolve
 
     try:
@@ -124,7 +120,6 @@ def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None
         if t is not None and (t.__class__ not in (Tensor, torch.nn.Parameter) or t.is_neg() or t.dim() != 1
                               or not t.is_contiguous()):
             return None
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias))
     if grad and x.is_inference():
         return None
     return Rows.build(x, weight, bias, spec, be, grad)
@@ -150,18 +145,15 @@ class Rows:
         "shape",
         "spec",
         "stride",
-        "sum_db",
-        "sum_dw",
+        "sums",
         "x_dtype",
     )
 
     def __init__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
-                 fwd_cfg: Any, bwd_cfg: Any) -> None:
+                 m: int, n: int, fwd_cfg: Any, bwd_cfg: Any) -> None:
         from . import kernels
         from .launch import _TL, _gate_consts, _round_ty, prebound
 
-        n = x.shape[-1]
-        m = x.numel() // n
         self.spec, self.backend, self.device, self.m, self.n, self.x_dtype = spec, be, x.device, m, n, x.dtype
         self.shape, self.rstd_shape = x.shape, x.shape[:-1]
         self.stride: int = x.stride(0) if x.dim() == 2 else n
@@ -176,8 +168,7 @@ class Rows:
         self.fwd_rstd = prebound.Bound(kernels._fwd_rows, grid, {**consts, "STORE_RSTD": True}, x.device)
         self.bwd_cfg = bwd_cfg
         self.bwd: dict[tuple, prebound.Bound] = {}
-        self.sum_dw: prebound.Bound | None = None
-        self.sum_db: prebound.Bound | None = None
+        self.sums: dict[torch.dtype, prebound.Bound] = {}  # the partial-sum kernel, per output dtype
         # dW in the weight's dtype from the partial-sum kernel on a GPU; fp32 under the interpreter (whose
         # bf16 stores truncate), cast afterwards (as launch.backward)
         self.dw_dtype = weight.dtype if weight is not None and x.device.type in prebound.DEVICES else torch.float32
@@ -194,7 +185,7 @@ class Rows:
         bcfg = launch.bwd_config(m, n, launch.sm_count(x.device), x.element_size()) if grad else None
         if not cfg.single or (bcfg is not None and not bcfg.single):
             return None
-        return cls(x, weight, bias, spec, be, cfg, bcfg)
+        return cls(x, weight, bias, spec, be, m, n, cfg, bcfg)
 
     def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, keep: bool
                 ) -> tuple[Tensor, Tensor | None]:
@@ -224,10 +215,10 @@ class Rows:
         bound(dy, x, x, x if weight is None else weight, rstd, dx, rstd if dwp is None else dwp,
               rstd if dbp is None else dbp, n, self.stride, self.stride, self.m, n, spec.k, spec.eps, spec.offset,
               x, dx, x)
-        dw = self._sum(dwp, self.dw_dtype, weight) if dwp is not None else None
+        dw = self._sum(dwp, self.dw_dtype) if dwp is not None else None
         if dw is not None and weight is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)  # (fp32 sums under the interpreter, as in launch.backward)
-        db = self._sum(dbp, torch.float32, None) if dbp is not None else None
+        db = self._sum(dbp, torch.float32) if dbp is not None else None
         return (dx if need_dx else None), dw, db
 
     def _bind_backward(self, need_dw: bool, need_db: bool, has_w: bool) -> Any:
@@ -241,23 +232,20 @@ class Rows:
                   "ROUND_TY": _round_ty(spec), **_gate_consts(spec, False), "HAS_B": False}
         return prebound.Bound(kernels._bwd_rows, (cfg.programs,), consts, self.device)
 
-    def _sum(self, part: Tensor, dtype: torch.dtype, weight: Tensor | None) -> Tensor:
-        """The column sums of the per-program partials, in the parameter's dtype (see launch._sum_partials)."""
+    def _sum(self, part: Tensor, dtype: torch.dtype) -> Tensor:
+        """The column sums of the per-program partials, in ``dtype`` (see launch._sum_partials)."""
         from . import kernels
         from .launch import SUM_BLOCK, prebound
 
         rows, n = part.shape
         if rows == 1 and dtype == torch.float32:
-            out = part.view(n)
-        else:
-            out = torch.empty((n,), dtype=dtype, device=self.device)
-            attr = "sum_dw" if weight is not None else "sum_db"
-            bound = getattr(self, attr)
-            if bound is None:
-                bound = prebound.Bound(kernels._sum_partials, (-(-n // SUM_BLOCK),),
-                                       {"BLOCK_N": SUM_BLOCK, "num_warps": 4}, self.device)
-                setattr(self, attr, bound)
-            bound(part, out, rows, n)
+            return part.view(n)
+        out = torch.empty((n,), dtype=dtype, device=self.device)
+        bound = self.sums.get(dtype)
+        if bound is None:
+            bound = self.sums[dtype] = prebound.Bound(kernels._sum_partials, (-(-n // SUM_BLOCK),),
+                                                      {"BLOCK_N": SUM_BLOCK, "num_warps": 4}, self.device)
+        bound(part, out, rows, n)
         return out
 
 
