@@ -254,7 +254,7 @@ def summary(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def gpu_bars(rows: list[dict]) -> list[str]:
+def gpu_targets(rows: list[dict]) -> list[str]:
     res = [r for r in rows if r.get("type") == "result" and r["dtype"] == "bfloat16"]
     idx = {(r["provider"], r["n"], r["mode"]): r for r in res}
     out = []
@@ -351,7 +351,7 @@ def main() -> int:
             for r in [meta, *results]:
                 fh.write(json.dumps(r) + "\n")
         text = report.markdown(meta, results)
-        targets = gpu_bars(results)
+        targets = gpu_targets(results)
         (args.out / "report.md").write_text(text + "\n### GPU targets (docs/benchmarks/gpu.md), bf16\n\n" + "\n".join(
             f"- {b}" for b in targets) + "\n")
         report.plot(results, args.out / "gbps.png", title=f"{card}, torch {torch.__version__}")
