@@ -70,12 +70,15 @@ class Dist:
 
 
 def lr_at(size: Schedule, lr: float, step: int) -> float:
-    """Linear warm-up then inverse square root (Transformer); linear decay to 0 (``decay``); else constant."""
-    if size.warmup > 0:
-        s = step + 1
-        return lr * min(s / size.warmup, math.sqrt(size.warmup / s))
+    """Linear warm-up over ``warmup`` steps, then linear decay to 0 at the last step (``decay``: a converged
+    end point), inverse square root (Transformer without ``decay``) or constant."""
+    s = step + 1
+    if size.warmup > 0 and s <= size.warmup:
+        return lr * s / size.warmup
     if size.decay:
-        return lr * (1 - step / size.steps)
+        return lr * (1 - (step - size.warmup) / (size.steps - size.warmup))
+    if size.warmup > 0:
+        return lr * math.sqrt(size.warmup / s)
     return lr
 
 
@@ -104,19 +107,20 @@ def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: s
     params = sum(p.numel() for p in model.parameters())
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     ckpt_path = run_dir / "checkpoint.pt"
-    step, train_s, curve, window = 0, 0.0, [], []
+    step, train_s, curve, dev_curve, window = 0, 0.0, [], [], []
     if ckpt_path.exists():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        step, train_s, curve = ck["step"], ck["train_s"], ck["curve"]
+        step, train_s, curve, dev_curve = ck["step"], ck["train_s"], ck["curve"], ck.get("dev_curve", [])
         torch.set_rng_state(ck["rng"])
+    dev_every = max(1, size.steps // max(size.dev_points, 1))
     wrapped = dd.wrap(model)
 
     def checkpoint() -> None:
         if dd.main:
             atomic_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "train_s": train_s,
-                         "curve": curve, "rng": torch.get_rng_state()}, ckpt_path)
+                         "curve": curve, "dev_curve": dev_curve, "rng": torch.get_rng_state()}, ckpt_path)
 
     try:
         while step < size.steps:
@@ -138,6 +142,10 @@ def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: s
             if step % size.log_every == 0 or step == size.steps:
                 curve.append([step, round(train_s, 4), dd.mean(sum(window) / len(window))])
                 window = []
+            if dd.main and (step % dev_every == 0 or step == size.steps):
+                rng = torch.get_rng_state()  # the held-out loss leaves the training's random stream as it was
+                dev_curve.append([step, round(task.dev_loss(model), 5)])
+                torch.set_rng_state(rng)
             if step % size.ckpt_every == 0 and step < size.steps:
                 checkpoint()
             if on_step:
@@ -150,6 +158,7 @@ def train_run(task, variant: str, seed: int, lr: float, run_dir: Path, device: s
         metrics["dev"] = task.evaluate(model, "dev")
     result = {"task": task.name, "variant": variant, "seed": seed, "lr": lr, "steps": step, "train_seconds": train_s,
               "seconds_per_1k_steps": 1000 * train_s / max(step, 1), "params": params, "curve": curve,
+              "dev_curve": dev_curve,
               "size": asdict(size), "world_size": dd.world, "backend": backend, **metrics}
     if dd.main:
         atomic_json(result_path, result)

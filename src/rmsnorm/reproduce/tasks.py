@@ -21,7 +21,9 @@ if TYPE_CHECKING:
 class Task(Protocol):
     """One experiment: its data, deterministic batches, model, loss and evaluation. ``metric`` names the
     headline quality in what :meth:`evaluate` returns; ``evaluate(model, "dev")`` scores the dev split
-    (learning-rate choice), ``"test"`` the held-out test split (the reported numbers)."""
+    (learning-rate choice), ``"test"`` the held-out test split (the reported numbers). ``dev_loss`` is the
+    training loss on fixed dev batches without dropout: logged during training, it tells whether a run has
+    converged (a training loss can keep falling by memorizing)."""
 
     name: str
     metric: str
@@ -34,6 +36,8 @@ class Task(Protocol):
     def loss(self, model: Any, batch: tuple) -> torch.Tensor: ...
 
     def evaluate(self, model: Any, split: str = "test") -> dict: ...
+
+    def dev_loss(self, model: Any) -> float: ...
 
     def trivial_baseline(self) -> dict: ...
 
@@ -116,6 +120,19 @@ def _subset(n: int, k: int) -> list[int]:
     return sorted(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False).tolist())
 
 
+DEV_LOSS_EXAMPLES = 512  # the dev examples of the held-out loss curve
+
+
+def held_out_loss(task: Any, model: Any, batches: list[tuple]) -> float:
+    """Mean of ``task.loss`` over ``batches`` in eval mode (no dropout), on the model's device."""
+    dev = _device(model)
+    model.eval()
+    with torch.no_grad():
+        total = sum(task.loss(model, tuple(t.to(dev) for t in b)).item() for b in batches)
+    model.train()
+    return total / max(len(batches), 1)
+
+
 def _device(model) -> torch.device:
     """Where the model's parameters are: evaluation batches go there (CPU-built tensors otherwise)."""
     p = next(model.parameters(), None) if hasattr(model, "parameters") else None
@@ -148,6 +165,8 @@ class Translation:
             chosen = [kept[i] for i in _subset(len(kept), size.eval_examples)]
             held[split] = Held([c[0] for c in chosen], [c[3] for c in chosen], [c[2] for c in chosen])
         self.data = MTData(tok, tok.get_vocab_size(), [p[0] for p in train], [p[1] for p in train], held)
+        self.held_tgt = {k: [e.ids for e in tok.encode_batch(h.ref)] for k, h in held.items()}
+        self._dev_batches: list[tuple] | None = None
 
     def build(self, variant: str, backend: str | None):
         s = self.size
@@ -167,9 +186,17 @@ class Translation:
 
     def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
         idx = _slice(len(self.data.train_src), self.size.batch, seed, step, rank, world)
-        src = self._pad([self.data.train_src[i] for i in idx])
-        tgt = [self.data.train_tgt[i] for i in idx]
-        return src, self._pad(tgt, bos=True), self._pad(tgt, eos=True)
+        return self._pair_batch([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx])
+
+    def _pair_batch(self, src: list[list[int]], tgt: list[list[int]]) -> tuple:
+        return self._pad(src), self._pad(tgt, bos=True), self._pad(tgt, eos=True)
+
+    def dev_loss(self, model) -> float:
+        if self._dev_batches is None:
+            n, b = min(DEV_LOSS_EXAMPLES, len(self.held_tgt["dev"])), self.size.batch
+            self._dev_batches = [self._pair_batch(self.data.held["dev"].src[i:i + b], self.held_tgt["dev"][i:i + b])
+                                 for i in range(0, n, b)]
+        return held_out_loss(self, model, self._dev_batches)
 
     def loss(self, model, batch) -> torch.Tensor:
         src, tgt_in, tgt_out = batch
@@ -215,16 +242,17 @@ class Retrieval(Translation):
     def __init__(self, name: str, size: RetrievalSize, which: str, work: Path) -> None:
         super().__init__(name, size, which, work)
         self.size: RetrievalSize = size
-        self.held_tgt = {k: [e.ids for e in self.data.tok.encode_batch(h.ref)] for k, h in self.data.held.items()}
 
     def build(self, variant: str, backend: str | None):
         s = self.size
         return GRURetrieval(self.data.vocab, s.emb, s.hidden, s.dim, variant, backend)
 
+    def _pair_batch(self, src: list[list[int]], tgt: list[list[int]]) -> tuple:
+        return self._pad(src, eos=True), self._pad(tgt, eos=True)
+
     def batch(self, seed: int, step: int, rank: int = 0, world: int = 1):
         idx = _slice(len(self.data.train_src), self.size.batch, seed, step, rank, world)
-        return (self._pad([self.data.train_src[i] for i in idx], eos=True),
-                self._pad([self.data.train_tgt[i] for i in idx], eos=True))
+        return self._pair_batch([self.data.train_src[i] for i in idx], [self.data.train_tgt[i] for i in idx])
 
     def loss(self, model, batch) -> torch.Tensor:
         a, b = model(*batch)
@@ -307,6 +335,11 @@ class Images:
                 wrong += (pred != ys[i:i + 500]).sum().item()
         model.train()
         return {"test error %": round(100.0 * wrong / len(ys), 2), "examples": len(ys)}
+
+    def dev_loss(self, model) -> float:
+        xs, ys = self.held["dev"]
+        n = min(DEV_LOSS_EXAMPLES, len(ys))
+        return held_out_loss(self, model, [(xs[i:i + 256], ys[i:i + 256]) for i in range(0, n, 256)])
 
     def trivial_baseline(self) -> dict:
         return {"chance error %": 90.0}
