@@ -39,6 +39,7 @@ def collect(out: Path) -> dict:
     runs = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/lr*/seed*/result.json"))]
     for r in runs:
         r["loss_change_last_fifth_pct"] = _flatness(r.get("curve") or [])
+        r["dev_loss_change_last_fifth_pct"] = _dev_change(r.get("dev_curve") or [], r.get("steps", 0))
         r.pop("curve", None), r.pop("size", None), r.pop("sample", None)
     lr = {p.stem: json.loads(p.read_text()) for p in sorted((out / "lr").glob("*.json"))}
     timing = {p.stem: json.loads(p.read_text()) for p in sorted((out / "timing").glob("*.json"))
@@ -61,12 +62,35 @@ def _flatness(curve: list) -> float | None:
     return 100 * (end - before) / before if before else None
 
 
+CONVERGED_PCT = -1.0  # a run has converged when its held-out loss fell by less than this over the last fifth
+
+
+def _dev_change(dev_curve: list, steps: int) -> float | None:
+    """Relative change (%) of the held-out loss from the first measurement at or after 80% of the steps to the
+    last one (near 0 or positive: converged, or past the best point; clearly negative: still improving)."""
+    late = [c for c in dev_curve if c[0] >= 0.8 * steps]
+    if len(late) < 2 or not late[0][1]:
+        return None
+    return 100 * (late[-1][1] - late[0][1]) / late[0][1]
+
+
+def converged(run: dict) -> bool | None:
+    """Whether a run's held-out loss was flat (or rising) over its last fifth; None without a dev curve."""
+    change = run.get("dev_loss_change_last_fifth_pct")
+    return None if change is None else change >= CONVERGED_PCT
+
+
+def _chosen_runs(raw: dict, task: str, variant: str) -> list[dict]:
+    """The variant's runs at its chosen lr (every seed)."""
+    chosen = raw["lr"].get(task, {}).get(variant)
+    return [r for r in raw["runs"] if r["task"] == task and r["variant"] == variant
+            and (chosen is None or r["lr"] == chosen)]
+
+
 def _final(raw: dict, task: str, variant: str) -> dict[int, float]:
     """seed -> headline metric of the variant's runs at its chosen lr."""
-    chosen = raw["lr"].get(task, {}).get(variant)
     metric = metric_of(task)
-    return {r["seed"]: r[metric] for r in raw["runs"]
-            if r["task"] == task and r["variant"] == variant and (chosen is None or r["lr"] == chosen) and metric in r}
+    return {r["seed"]: r[metric] for r in _chosen_runs(raw, task, variant) if metric in r}
 
 
 def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[list[float], list[float]]:
@@ -95,9 +119,12 @@ def analyse(raw: dict) -> dict:
             if not a:
                 continue
             h = S.harm(metric, a, b)
+            flags = [converged(r) for v in (ours, ref) for r in _chosen_runs(raw, task, v)]
             comps.append({"claim": claim, "kind": "quality", "task": task, "ours": ours, "reference": ref,
                           "metric": metric, "margin": margin, "ours_values": a, "reference_values": b,
-                          "worse_by": h.as_dict(), "verdict": S.non_inferior(h, margin)})
+                          "worse_by": h.as_dict(), "verdict": S.non_inferior(h, margin),
+                          "runs_converged": (f"{sum(f is True for f in flags)}/{len(flags)}"
+                                             if any(f is not None for f in flags) else None)})
     for task, t in raw["step_timing"].items():
         secs = t["seconds_per_step"]
         for setting, suffix in (("fused", ""), ("unfused", "-ops")):
@@ -131,7 +158,12 @@ def analyse(raw: dict) -> dict:
                                        for k, v in by_kind.items()},
                            "overall": S.summary([c["verdict"] for c in mine]),
                            "counts": S.counts([c["verdict"] for c in mine])}
-    return {"comparisons": comps, "verdicts": verdicts}
+    convergence = {}
+    for task in tasks:
+        flags = [converged(r) for v in VARIANTS for r in _chosen_runs(raw, task, v)]
+        convergence[task] = {"runs": len(flags), "converged": sum(f is True for f in flags),
+                             "measured": sum(f is not None for f in flags)}
+    return {"comparisons": comps, "verdicts": verdicts, "convergence": convergence}
 
 
 def _rows(raw: dict) -> list[dict]:
@@ -145,13 +177,17 @@ def _rows(raw: dict) -> list[dict]:
             if not vals and not t:
                 continue
             chosen = raw["lr"].get(task, {}).get(v)
-            flat = [r["loss_change_last_fifth_pct"] for r in raw["runs"] if r["task"] == task and r["variant"] == v
-                    and r["lr"] == chosen and r.get("loss_change_last_fifth_pct") is not None]
+            mine = _chosen_runs(raw, task, v) if vals else []
+            flat = [r["loss_change_last_fifth_pct"] for r in mine if r.get("loss_change_last_fifth_pct") is not None]
+            dev = [r["dev_loss_change_last_fifth_pct"] for r in mine
+                   if r.get("dev_loss_change_last_fifth_pct") is not None]
             rows.append({"task": task, "variant": v, "metric": metric_of(task) if vals else None,
                          "lr": chosen, "seeds": len(vals),
                          "quality_mean": statistics.fmean(vals) if vals else None,
                          "quality_std": statistics.stdev(vals) if len(vals) > 1 else None,
                          "loss_change_last_fifth_pct": statistics.fmean(flat) if flat else None,
+                         "dev_loss_change_last_fifth_pct": statistics.fmean(dev) if dev else None,
+                         "runs_converged": (sum(converged(r) is True for r in mine) if dev else None),
                          "ms_per_step_median": 1000 * statistics.median(t) if t else None})
     return rows
 
@@ -182,21 +218,29 @@ def markdown(out: Path, raw: dict, analysis: dict, meta: dict) -> str:
         kinds = "; ".join(f"{k}: {x['verdict']} ({x['counts']})" for k, x in d["by_kind"].items()) or "not measured"
         lines.append(f"| {claim}: {d['statement']} | **{d['overall']}** ({d['counts']}) | {kinds} |")
     lines.append("")
+    conv = analysis.get("convergence") or {}
+    if any(c["measured"] for c in conv.values()):
+        lines += ["Training runs converged (held-out loss flat or rising over the last fifth; the runs the "
+                  "comparisons use, every variant and seed): " + ", ".join(
+                      f"{t} {c['converged']}/{c['runs']}" for t, c in conv.items()) + ".", ""]
     comps = analysis["comparisons"]
     quality = [c for c in comps if c["kind"] == "quality"]
     if quality:
         lines += ["## Quality (paired by seed)", "",
                   "How much worse `ours` is than the reference in the task's metric (negative: better), with its "
                   "95% CI, and the verdict of \"at most the margin worse\".", "",
-                  "| claim | task | ours vs reference | ours | reference | worse by | margin | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| claim | task | ours vs reference | ours | reference | worse by | margin | verdict | "
+                  "runs converged |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for c in quality:
             extra = (f" (with fused step time: {c['combined_with_fused_step_time']})"
                      if c.get("combined_with_fused_step_time") else "")
             lines.append(f"| {c['claim']} | {c['task']} | {c['ours']} vs {c['reference']} | "
                          f"{statistics.fmean(c['ours_values']):.2f} | {statistics.fmean(c['reference_values']):.2f} | "
-                         f"{_ci(c['worse_by'])} | {c['margin']:g} | {c['verdict']}{extra} |")
-        lines.append("")
+                         f"{_ci(c['worse_by'])} | {c['margin']:g} | {c['verdict']}{extra} | "
+                         f"{c.get('runs_converged') or '–'} |")
+        lines += ["", f"Runs converged: of the compared runs, those whose held-out (dev) loss fell by less than "
+                  f"{-CONVERGED_PCT:g}% over the last fifth of training (flat, or rising past its best point).", ""]
     nt = [c for c in comps if c["kind"] == "norm time"]
     if nt:
         t = raw["norm_timing"]
@@ -250,21 +294,25 @@ def _task_sections(out: Path, raw: dict) -> list[str]:
             continue
         paper = PAPER.get(task, {})
         lines += [f"## {TASK_TITLES.get(task, task)}", "",
-                  f"| variant | lr | seeds | {metric_of(task)} mean ± std | loss change, last fifth | "
-                  f"ms / step (median) | paper: {paper.get('metric', '–')} | paper: {paper.get('time_unit', 'time')} |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  f"| variant | lr | seeds | {metric_of(task)} mean ± std | loss change, last fifth | held-out loss "
+                  f"change, last fifth | runs converged | ms / step (median) | paper: {paper.get('metric', '–')} | "
+                  f"paper: {paper.get('time_unit', 'time')} |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in mine:
             pr = paper.get("rows", {}).get(r["variant"])
             std = f" ± {r['quality_std']:.2f}" if r["quality_std"] is not None else ""
             ms = f"{r['ms_per_step_median']:.1f}" if r["ms_per_step_median"] else "–"
-            flat = r["loss_change_last_fifth_pct"]
-            flat_s = f"{flat:+.1f}%" if flat is not None else "–"
+            flat, dev = r["loss_change_last_fifth_pct"], r.get("dev_loss_change_last_fifth_pct")
+            pct = lambda x: f"{x:+.1f}%" if x is not None else "–"
+            conv = "–" if r.get("runs_converged") is None else f"{r['runs_converged']}/{r['seeds']}"
             lines.append(f"| {r['variant']} | {r['lr'] if r['lr'] is not None else '–'} | {r['seeds']} | "
-                         f"{r['quality_mean']:.2f}{std} | {flat_s} | {ms} | {pr[0] if pr else '–'} | "
-                         f"{pr[1] if pr else '–'} |")
+                         f"{r['quality_mean']:.2f}{std} | {pct(flat)} | {pct(dev)} | {conv} | {ms} | "
+                         f"{pr[0] if pr else '–'} | {pr[1] if pr else '–'} |")
         lines += ["", "Loss change over the last fifth of training: the mean training loss of the last tenth of "
-                  "the steps against the tenth before the last fifth, mean over seeds (near 0: flat, converged; "
-                  "clearly negative: still improving when training stopped)."]
+                  "the steps against the tenth before the last fifth; held-out loss change: the dev split's loss "
+                  "(no dropout) at the end against its value at 80% of the steps; both means over seeds. A run "
+                  f"counts as converged when its held-out loss fell by less than {-CONVERGED_PCT:g}% over that "
+                  "last fifth (a training loss can keep falling by memorizing the training set)."]
         grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
         if grid:
             metric = metric_of(task)
@@ -292,7 +340,7 @@ def figures(out: Path, raw_runs: list[dict]) -> None:
     for r in raw_runs:
         by_task.setdefault(r["task"], {}).setdefault(r["variant"], []).append(r)
     for task, variants in by_task.items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
         for v, runs in variants.items():
             n = min(len(r["curve"]) for r in runs)
             if n == 0:
@@ -302,10 +350,15 @@ def figures(out: Path, raw_runs: list[dict]) -> None:
             loss = [statistics.fmean(r["curve"][i][2] for r in runs) for i in range(n)]
             axes[0].plot(steps, loss, label=v)
             axes[1].plot(secs, loss, label=v)
+            k = min(len(r.get("dev_curve") or []) for r in runs)
+            if k:
+                axes[2].plot([runs[0]["dev_curve"][i][0] for i in range(k)],
+                             [statistics.fmean(r["dev_curve"][i][1] for r in runs) for i in range(k)], label=v)
         axes[0].set_xlabel("training step")
         axes[1].set_xlabel("training wall time (s)")
-        for ax in axes:
-            ax.set_ylabel("training loss")
+        axes[2].set_xlabel("training step")
+        for ax, what in zip(axes, ("training loss", "training loss", "held-out (dev) loss")):
+            ax.set_ylabel(what)
             ax.grid(alpha=0.3)
         axes[0].legend()
         fig.suptitle(TASK_TITLES.get(task, task), fontsize=10)
