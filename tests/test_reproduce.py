@@ -63,6 +63,7 @@ def test_every_task_and_variant_runs(smoke_run):
         for v in VARIANTS:
             r = _result(smoke_run, t, v)
             assert r["steps"] == 6 and r["curve"] and r["train_seconds"] > 0
+            assert r["dev_curve"][-1][0] == 6 and all(c[1] > 0 for c in r["dev_curve"])
             metric = {"image": "test error %", "image-mlp": "test error %", "retrieval": "R@1"}.get(t, "BLEU")
             assert 0.0 <= r[metric] <= 100.0
             assert not list((smoke_run / "runs" / t / v).rglob("checkpoint.pt"))
@@ -77,7 +78,8 @@ def test_report_and_outputs(smoke_run):
     report = (smoke_run / "report.md").read_text()
     for needle in ("## Verdicts", "C1:", "C2:", "C3:", "Norm-level time", "unfused", "paper: BLEU", "prmsnorm",
                    "torch-rmsnorm", "copy-source BLEU", "figures/image.png", "paper: R@1", "chance R@1",
-                   "chosen on the dev split", "How much of a step"):
+                   "chosen on the dev split", "How much of a step", "held-out loss change",
+                   "runs converged", "Training runs converged"):
         assert needle in report, needle
     res = json.loads((smoke_run / "results.json").read_text())
     assert {"raw", "comparisons", "verdicts", "rows"} <= set(res)
@@ -136,6 +138,35 @@ def test_resume_after_interruption(tmp_path, monkeypatch):
     b = _result(part, "image", "rmsnorm")
     assert a["test error %"] == b["test error %"]
     assert [c[2] for c in a["curve"]] == pytest.approx([c[2] for c in b["curve"]], rel=1e-4)
+    assert [c[1] for c in a["dev_curve"]] == pytest.approx([c[1] for c in b["dev_curve"]], rel=1e-4)
+
+
+def test_convergence_is_judged_on_the_held_out_loss():
+    from rmsnorm.reproduce.report import _dev_change, converged
+
+    falling = [[100, 2.0], [200, 1.5], [800, 1.10], [900, 1.05], [1000, 1.0]]
+    assert _dev_change(falling, 1000) == pytest.approx(-100 * 0.1 / 1.1)
+    assert converged({"dev_loss_change_last_fifth_pct": _dev_change(falling, 1000)}) is False
+    flat = [[100, 2.0], [800, 1.0], [1000, 0.995]]
+    assert converged({"dev_loss_change_last_fifth_pct": _dev_change(flat, 1000)}) is True
+    rising = [[800, 1.0], [1000, 1.2]]  # past its best point: more training would not help
+    assert converged({"dev_loss_change_last_fifth_pct": _dev_change(rising, 1000)}) is True
+    assert _dev_change([[1000, 1.0]], 1000) is None and converged({}) is None
+
+
+def test_schedules_warm_up_then_decay_to_zero():
+    from rmsnorm.reproduce.presets import PRESETS, Schedule
+    from rmsnorm.reproduce.runner import lr_at
+
+    s = Schedule(steps=1000, batch=1, lr=1.0, warmup=100, decay=True)
+    assert lr_at(s, 1.0, 0) == pytest.approx(0.01) and lr_at(s, 1.0, 99) == pytest.approx(1.0)
+    assert lr_at(s, 1.0, 550) == pytest.approx(0.5) and lr_at(s, 1.0, 999) == pytest.approx(1 / 900)
+    assert lr_at(Schedule(steps=10, batch=1, lr=1.0, warmup=4), 1.0, 15) == pytest.approx(0.5)  # inverse sqrt
+    assert lr_at(Schedule(steps=10, batch=1, lr=1.0, decay=True), 1.0, 5) == pytest.approx(0.5)
+    for name, size in PRESETS["full"].tasks.items():  # every full-preset task ends its schedule at lr 0
+        assert size.decay and len(size.lrs) >= 2, name
+    gpu = PRESETS["gpu"]
+    assert set(gpu.default_tasks) <= set(gpu.tasks) and gpu.autocast == "bfloat16"
 
 
 def test_bad_names_and_dry_run(tmp_path, capsys):
