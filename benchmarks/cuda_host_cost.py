@@ -141,21 +141,117 @@ def _callables(m: int, n: int, noop, copy) -> dict:
             "fwd+bwd": ours_round_trip}
 
 
+def _stand_in() -> None:
+    """Triton's CUDA driver on the stand-in libcuda, and the triton backend taking CPU tensors as it takes
+    CUDA ones (launched pre-bound, as on a GPU)."""
+    import dataclasses
+
+    from rmsnorm.backends import registry
+    from rmsnorm.backends.triton import prebound
+
+    _activate_stub_driver()
+    registry.register(dataclasses.replace(registry.get("triton"), devices=frozenset({"cuda", "cpu"})))
+    registry._AVAILABLE["triton"] = None
+    prebound.DEVICES.add("cpu")
+
+
+def check_cxx_launches() -> int:
+    """Every C++ launch the eager entry makes (rmsnorm.backends.triton.prebound.cxx_launch) against Triton's
+    own launch of the same kernel with the same arguments, as the stand-in driver records them: grid, block,
+    shared memory, stream and every parameter's bytes. Over dtypes, shapes and options, forward (with and
+    without grad) and backward. Exit status 0 when all are identical and every launch was made."""
+    import ctypes
+
+    import torch
+
+    import rmsnorm
+    from rmsnorm.backends.triton import prebound
+
+    _stand_in()
+    stub = ctypes.CDLL("libcuda.so.1")
+    made_by = prebound.cxx_launch
+    checked, failures = [], []
+
+    def last(n: int) -> tuple:
+        dims, stream, raw = (ctypes.c_uint * 7)(), ctypes.c_void_p(), (ctypes.c_ubyte * (8 * n))()
+        stub.stub_last(dims, ctypes.byref(stream), raw)
+        return tuple(dims), stream.value, bytes(raw)
+
+    def checking(bound, args, sources):
+        made = made_by(bound, args, sources)
+        name = getattr(bound.kernel, "__name__", str(bound.kernel))
+        if made is None:
+            failures.append(f"{name}: no C++ launch made")
+            return None
+        sizes = list(made.sizes)
+        stub.stub_expect(len(sizes), (ctypes.c_int * len(sizes))(*sizes))
+        bound(*args)  # Triton's own launcher
+        theirs = last(len(sizes))
+        made.launch(list(sources) + [sources[0]] * (7 - len(sources)))
+        ours = last(len(sizes))
+        checked.append(name)
+        if theirs[0][3] == 0 or not any(theirs[2]):
+            failures.append(f"{name}: nothing recorded of Triton's launch")
+        elif theirs != ours:
+            failures.append(f"{name}: Triton's launch {theirs} != the C++ launch {ours}")
+        return made
+
+    prebound.cxx_launch = checking
+    torch.manual_seed(0)
+    cases = 0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for m, n in ((1, 4096), (8, 4096), (64, 512), (3, 1000), (5, 130)):
+            for opts in ({}, {"bias": True}, {"elementwise_affine": False}, {"p": 0.5, "eps_mode": "outside"},
+                         {"offset": 1.0, "eps": 1e-5}, {"out_dtype": torch.float32}):
+                module = rmsnorm.RMSNorm(n, dtype=dtype, backend="triton", **opts)
+                x = torch.randn(m, n, dtype=dtype)
+                xg = x.clone().requires_grad_(True)
+                out = opts.get("out_dtype", dtype)
+                grads = []
+                for _ in range(3):  # the first call binds, the later ones run from C++ (and its autograd node)
+                    with torch.no_grad():
+                        module(x)
+                    xg.grad = None
+                    module.zero_grad(set_to_none=True)
+                    y = module(xg)
+                    node = type(y.grad_fn).__name__
+                    y.backward(torch.randn(m, n, dtype=out))
+                    grads.append([(t.grad.dtype, t.grad.shape) if t.grad is not None else None
+                                  for t in (xg, *module.parameters())])
+                if node != "CppFunction":  # (the C++ node; the Python one is EntryFunctionBackward)
+                    failures.append(f"{dtype} {m}x{n} {opts}: grad-mode calls recorded by {node}")
+                if grads[1:] != grads[:2]:
+                    failures.append(f"{dtype} {m}x{n} {opts}: gradients {grads}")
+                # create_graph: the node calls back into Python (the differentiable decomposition), whose
+                # numbers are real here (no kernel involved): they must be the reference backend's
+                if dtype == torch.float32 and "out_dtype" not in opts:
+                    dy = torch.randn(m, n, dtype=dtype)
+                    params = [p for p in module.parameters()]
+                    got = torch.autograd.grad(module(xg), [xg, *params], dy, create_graph=True)
+                    ref = module.__class__(n, dtype=dtype, backend="reference", **opts)
+                    ref.load_state_dict(module.state_dict())
+                    want = torch.autograd.grad(ref(xg), [xg, *ref.parameters()], dy)
+                    if any(not torch.allclose(a, b, rtol=1e-5, atol=1e-5) for a, b in zip(got, want)):
+                        failures.append(f"{dtype} {m}x{n} {opts}: create_graph gradients differ from the reference")
+                plan = module._entry[1]
+                for rows in plan.table.values():
+                    if rows is None or any(v is None for v in rows.cxx.values()):
+                        failures.append(f"{dtype} {m}x{n} {opts}: a launch left to Python")
+                cases += 1
+    print(f"{len(checked)} C++ launches over {cases} cases compared with Triton's own; {len(failures)} differ")
+    for f in failures[:20]:
+        print("  " + f)
+    return 1 if failures or not checked else 0
+
+
 def measure(out: Path | None, quick: bool = False) -> list[dict]:
     import torch
     import triton
     import triton.language as tl
 
-    _activate_stub_driver()
-    import dataclasses
-
-    from rmsnorm.backends import registry
     from rmsnorm.backends.triton import launch, prebound
 
-    # CPU tensors stand in for CUDA ones: the triton backend must accept them as it accepts CUDA tensors
-    registry.register(dataclasses.replace(registry.get("triton"), devices=frozenset({"cuda", "cpu"})))
-    registry._AVAILABLE["triton"] = None
-    prebound.DEVICES.add("cpu")
+    _stand_in()
     from rmsnorm.bench.timing import measure_group
     from rmsnorm.host import cpu_model
 
@@ -206,9 +302,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="write the rows as JSONL here")
     p.add_argument("--quick", action="store_true", help="a few samples only (a smoke test of the path)")
+    p.add_argument("--check", action="store_true",
+                   help="instead of timing: compare every C++ launch with Triton's own launch, byte for byte")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
+        if args.check:
+            return check_cxx_launches()
         measure(args.out, args.quick)
         return 0
     with tempfile.TemporaryDirectory() as tmp:
@@ -219,7 +319,7 @@ def main() -> int:
                    TRITON_DEFAULT_FP_FUSION="1")
         env.pop("TRITON_INTERPRET", None)
         child = [sys.executable, __file__, "--child"] + (["--out", str(args.out.resolve())] if args.out else []) + (
-            ["--quick"] if args.quick else [])
+            ["--quick"] if args.quick else []) + (["--check"] if args.check else [])
         return subprocess.run(child, env=env).returncode
 
 

@@ -114,7 +114,11 @@ def correctness(out: Path) -> bool:
             lines.append(f"FAIL {name}: {type(exc).__name__}: {str(exc)[:300]}")
     (out / "correctness.txt").write_text("\n".join(lines) + "\n")
     fails = [line for line in lines if line.startswith("FAIL")]
-    print(f"[{elapsed():.0f}s] correctness: {len(lines) - len(fails)}/{len(lines)} passed", flush=True)
+    from rmsnorm.backends.triton import prebound
+
+    launches = "C++ (cuLaunchKernel)" if prebound._cxx_module() is not None else "Python (pre-bound CompiledKernel.run)"
+    print(f"[{elapsed():.0f}s] correctness: {len(lines) - len(fails)}/{len(lines)} passed; the eager entry's "
+          f"launches after the first: {launches}", flush=True)
     for line in fails[:10]:
         print("  " + line, flush=True)
     return ok

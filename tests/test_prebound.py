@@ -141,3 +141,69 @@ def test_prebound_launches_bind_to_tritons_real_launcher():
                          capture_output=True, text=True, timeout=600, cwd=root)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "pre-binding on" in run.stdout, run.stdout[-2000:]
+
+
+def test_cxx_launches_match_tritons_own_byte_for_byte():
+    """benchmarks/cuda_host_cost.py --check: every launch the GPU eager entry makes from C++ (its packed
+    parameters, grid, block, shared memory, stream) against Triton's own launch of the same kernel with the
+    same arguments, as a stand-in libcuda records them; forward and backward over dtypes, shapes, options."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if shutil.which("cc") is None:
+        pytest.skip("needs a C compiler")
+    root = Path(__file__).resolve().parents[1]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cuda_host_cost.py"), "--check"],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " 0 differ" in run.stdout, run.stdout[-2000:]
+
+
+def test_cxx_launch_packing(monkeypatch):
+    """The parameter layout cxx_launch packs: constexprs left out, scalars at their natural alignment,
+    tensors as patched pointer slots by identity with the sources, then two null scratch pointers."""
+
+    class Meta:
+        num_ctas, launch_cooperative_grid, launch_pdl = 1, False, False
+        global_scratch_size = profile_scratch_size = 0
+        shared, num_warps = 64, 4
+
+    class Src:
+        signature = {"X": "*bf16", "N": "i32", "eps": "fp32", "Y": "*bf16", "S": "i64", "BLOCK": "constexpr"}
+
+    class Compiled:
+        metadata, src, function, run = Meta, Src, 1234, object()
+
+    class Kernel:
+        arg_names = ["X", "N", "eps", "Y", "S", "BLOCK"]
+
+    made = {}
+
+    class Launch:
+        def __init__(self, *a):
+            made["args"] = a
+
+    class Mod:
+        TritonLaunch = Launch
+
+    monkeypatch.setattr(prebound, "_cxx_state", [Mod])
+    monkeypatch.setattr(prebound, "_enabled", [True])
+    bound = prebound.Bound(Kernel, (3,), {"BLOCK": 128}, torch.device("cpu"))
+    bound.compiled, bound.tail = Compiled, (128,)
+    x, y = torch.zeros(4), torch.zeros(4)
+    assert prebound.cxx_launch(bound, (x, 7, 0.5, y, 2**40), (y, x)) is not None
+    function, grid, block, shared, packed, offsets, sizes, slots, device = made["args"]
+    assert (function, grid, block, shared, device) == (1234, (3, 1, 1), 128, 64, -1)
+    assert offsets == [0, 8, 12, 16, 24, 32, 40] and sizes == [8, 4, 4, 8, 8, 8, 8]
+    assert slots == [(0, 1), (3, 0)]  # X is source 1, Y source 0
+    import struct
+
+    assert packed[8:12] == struct.pack("<i", 7) and packed[12:16] == struct.pack("<f", 0.5)
+    assert packed[24:32] == struct.pack("<q", 2**40) and packed[32:] == bytes(16)
+    # anything it cannot pack exactly: no C++ launch
+    assert prebound.cxx_launch(bound, (x, 2**40, 0.5, y, 1), (x, y)) is None  # i32 out of range
+    assert prebound.cxx_launch(bound, (x, 7, 0.5, torch.zeros(4), 1), (x, y)) is None  # a tensor not in sources
+    Meta.global_scratch_size = 16
+    assert prebound.cxx_launch(bound, (x, 7, 0.5, y, 1), (x, y)) is None

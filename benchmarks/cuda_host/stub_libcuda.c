@@ -66,8 +66,52 @@ CUresult CUDAAPI cuPointerGetAttributes(unsigned int n, CUpointer_attribute* a, 
 CUresult CUDAAPI cuStreamIsCapturing(CUstream s, CUstreamCaptureStatus* st) {
   (void)s; *st = CU_STREAM_CAPTURE_STATUS_NONE; return CUDA_SUCCESS;
 }
+// The last launch, for tests that compare two ways of launching the same kernel: grid, block, shared
+// memory, stream and the bytes of its parameters, whose count and sizes the test gives beforehand
+// (stub_expect; it holds for the next two launches, then parameters are not read).
+static struct {
+  unsigned dims[7];
+  void* stream;
+  int n, launches_left;
+  int sizes[64];
+  unsigned char bytes[64][8];
+} last;
+
+void stub_expect(int n, const int* sizes) {
+  last.n = n < 64 ? n : 64;
+  last.launches_left = 2;
+  for (int i = 0; i < last.n; ++i) last.sizes[i] = sizes[i] < 8 ? sizes[i] : 8;
+}
+
+// dims (7 unsigned: grid xyz, block xyz, shared bytes), stream, then n x 8 parameter bytes (zero-padded)
+void stub_last(unsigned* dims, void** stream, unsigned char* bytes) {
+  memcpy(dims, last.dims, sizeof(last.dims));
+  *stream = last.stream;
+  memcpy(bytes, last.bytes, (size_t)last.n * 8);
+}
+
+static void record(unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared,
+                   void* stream, void** params) {
+  unsigned dims[7] = {gx, gy, gz, bx, by, bz, shared};
+  memcpy(last.dims, dims, sizeof(dims));
+  last.stream = stream;
+  memset(last.bytes, 0, sizeof(last.bytes));
+  if (last.launches_left <= 0) return;
+  --last.launches_left;
+  for (int i = 0; i < last.n && params; ++i) memcpy(last.bytes[i], params[i], (size_t)last.sizes[i]);
+}
+
 CUresult CUDAAPI cuLaunchKernelEx(const CUlaunchConfig* c, CUfunction f, void** params, void** extra) {
-  (void)c; (void)f; (void)params; (void)extra; return CUDA_SUCCESS;
+  (void)f; (void)extra;
+  record(c->gridDimX, c->gridDimY, c->gridDimZ, c->blockDimX, c->blockDimY, c->blockDimZ, c->sharedMemBytes,
+         (void*)c->hStream, params);
+  return CUDA_SUCCESS;
+}
+CUresult CUDAAPI cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
+                                unsigned bz, unsigned shared, CUstream s, void** params, void** extra) {
+  (void)f; (void)extra;
+  record(gx, gy, gz, bx, by, bz, shared, (void*)s, params);
+  return CUDA_SUCCESS;
 }
 CUresult CUDAAPI cuTensorMapEncodeTiled(CUtensorMap* m, CUtensorMapDataType t, cuuint32_t r, void* g,
                                         const cuuint64_t* d, const cuuint64_t* s, const cuuint32_t* b,

@@ -64,9 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="rmsnorm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, threads, backends and why any is unavailable").set_defaults(fn=_info)
-    p = sub.add_parser("build", help="compile the fused CPU kernels now (else on first use), or say why not",
-                       description="Compiles the CPU kernels into the cache (about 30-60 s on 2 cores), so that no "
-                                   "later process compiles on its first call; retries a remembered failure.")
+    p = sub.add_parser("build", help="compile the C++ library (the fused CPU kernels and the GPU entry's "
+                                     "launcher) now (else on first use), or say why not",
+                       description="Compiles the C++ library into the cache (about 30-75 s on 2 cores): the fused "
+                                   "CPU kernels, and the launcher the GPU eager entry calls Triton's compiled "
+                                   "kernels with. No later process compiles on its first call; retries a "
+                                   "remembered failure.")
     p.add_argument("--force", action="store_true", help="rebuild even when a build is cached")
     p.set_defaults(fn=_build)
     from .bench.cli import add_parser as add_bench

@@ -34,7 +34,7 @@ import torch
 from ...host import silenced_output
 
 SOURCE = Path(__file__).with_name("kernel.cpp")
-ABI_VERSION = 4  # bump when the module's functions change
+ABI_VERSION = 5  # bump when the module's functions change
 
 # Compile flags per torch CPU capability; ATen's Vectorized<> picks its implementation from the macros.
 _FLAGS = {

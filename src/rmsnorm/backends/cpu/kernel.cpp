@@ -16,8 +16,12 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 
+#include <dlfcn.h>
+
 #include <cmath>
+#include <cstring>
 #include <tuple>
+#include <unordered_map>
 
 namespace {
 
@@ -1231,6 +1235,270 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo, py
   return py::make_tuple(wrap(std::move(y)), wrap(std::move(h)));
 }
 
+
+// ------------------------------------------------------------------------------------ Triton launches
+// The GPU eager entry (rmsnorm/backends/triton/entry.py) allocates and launches Triton's compiled row
+// kernels from here: no Python between the call and cuLaunchKernel. A TritonLaunch is one compiled kernel
+// at one specialization: its CUfunction, grid, block, shared memory and its parameters as bytes, packed
+// once as Triton's own launcher packs them (rmsnorm/backends/triton/prebound.py, checked against
+// Triton's launcher on a stand-in libcuda by the tests); per call only the tensor pointers change. The
+// driver entry point is looked up in the libcuda that Triton loaded.
+
+using CuLaunchKernel = int (*)(void*, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, unsigned, void*,
+                               void**, void**);
+
+CuLaunchKernel cu_launch_kernel() {
+  static const CuLaunchKernel fn = [] {
+    void* lib = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_NOLOAD);
+    return lib ? reinterpret_cast<CuLaunchKernel>(dlsym(lib, "cuLaunchKernel")) : nullptr;
+  }();
+  return fn;
+}
+
+constexpr size_t kMaxParamBytes = 1024;
+constexpr size_t kMaxParams = 64;
+
+struct TritonLaunch {
+  uint64_t function = 0;
+  std::array<uint32_t, 3> grid{1, 1, 1};
+  uint32_t block = 32;
+  uint32_t shared = 0;
+  std::string bytes;                                  // every parameter, parameter i at offsets[i]
+  std::vector<uint32_t> offsets;
+  std::vector<uint32_t> sizes;                        // of each parameter in bytes
+  std::vector<std::pair<uint32_t, uint32_t>> slots;  // (parameter, source tensor): the pointers patched per call
+  int64_t device = -1;                                // the CUDA device; -1: CPU tensors stand in (benchmarks)
+
+  // Whether a launch may go here now: the kernel's device is the current one (Triton launches in the
+  // current context) and the driver is there.
+  bool ready() const {
+    if (cu_launch_kernel() == nullptr) return false;
+    if (device < 0) return true;
+    return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice().index() == device;
+  }
+
+  void run(std::initializer_list<const at::Tensor*> sources) const {
+    const at::Tensor* const* src = sources.begin();
+    alignas(16) char buf[kMaxParamBytes];
+    void* params[kMaxParams];
+    std::memcpy(buf, bytes.data(), bytes.size());
+    for (const auto& [param, source] : slots) {
+      void* ptr = src[source]->data_ptr();
+      std::memcpy(buf + offsets[param], &ptr, sizeof(ptr));
+    }
+    for (size_t i = 0; i < offsets.size(); ++i) params[i] = buf + offsets[i];
+    void* stream = nullptr;
+    if (device >= 0) {
+      stream = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)
+                   ->getStream(c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)))
+                   .native_handle();
+    }
+    const int err = cu_launch_kernel()(reinterpret_cast<void*>(function), grid[0], grid[1], grid[2], block, 1, 1,
+                                       shared, stream, params, nullptr);
+    TORCH_CHECK(err == 0, "rmsnorm: cuLaunchKernel failed (CUDA error ", err, ")");
+  }
+};
+
+TritonLaunch make_triton_launch(uint64_t function, std::array<uint32_t, 3> grid, uint32_t block, uint32_t shared,
+                                const py::bytes& bytes, std::vector<uint32_t> offsets, std::vector<uint32_t> sizes,
+                                std::vector<std::pair<uint32_t, uint32_t>> slots, int64_t device) {
+  TritonLaunch l;
+  l.function = function;
+  l.grid = grid;
+  l.block = block;
+  l.shared = shared;
+  l.bytes = bytes;
+  l.offsets = std::move(offsets);
+  l.sizes = std::move(sizes);
+  l.slots = std::move(slots);
+  l.device = device;
+  TORCH_CHECK(l.bytes.size() <= kMaxParamBytes && l.offsets.size() <= kMaxParams, "rmsnorm: too many parameters");
+  TORCH_CHECK(l.sizes.size() == l.offsets.size(), "rmsnorm: one size per parameter");
+  for (size_t i = 0; i < l.offsets.size(); ++i) {
+    TORCH_CHECK(l.offsets[i] + l.sizes[i] <= l.bytes.size(), "rmsnorm: parameter out of range");
+  }
+  for (const auto& [param, source] : l.slots) {
+    TORCH_CHECK(param < l.offsets.size() && l.offsets[param] + sizeof(void*) <= l.bytes.size(),
+                "rmsnorm: pointer parameter out of range");
+  }
+  return l;
+}
+
+// A tensor argument by its Python object (None: absent), without pybind's conversions.
+const at::Tensor* tensor_arg(py::handle o) {
+  return o.ptr() == Py_None ? nullptr : &THPVariable_Unpack(o.ptr());
+}
+
+py::object wrap_tensor(at::Tensor t) {
+  if (!t.defined()) return py::none();
+  return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
+}
+
+// The row kernels' forward: y (and rstd with ``keep``), or None when the launch cannot go here now.
+// Sources of the kernel's pointers: x, weight (x if absent), bias (x if absent), y, rstd (y if absent).
+py::object triton_forward(const TritonLaunch& l, py::handle xo, py::handle wo, py::handle bo,
+                          at::ScalarType out_dtype, bool keep) {
+  if (!l.ready()) return py::none();
+  const at::Tensor& x = THPVariable_Unpack(xo.ptr());
+  const at::Tensor* w = tensor_arg(wo);
+  const at::Tensor* b = tensor_arg(bo);
+  at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
+  at::Tensor rstd;
+  if (keep) rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+  l.run({&x, w ? w : &x, b ? b : &x, &y, keep ? &rstd : &y});
+  if (!keep) return wrap_tensor(std::move(y));
+  return py::make_tuple(wrap_tensor(std::move(y)), wrap_tensor(std::move(rstd)));
+}
+
+// The column sums of per-program partials (programs, n) in ``dtype``: a view when there is one program and
+// nothing to convert, else the partial-sum kernel (sources: the partials, the output).
+at::Tensor sum_partials(const TritonLaunch* l, const at::Tensor& part, at::ScalarType dtype) {
+  const int64_t n = part.size(1);
+  if (part.size(0) == 1 && dtype == at::kFloat) return part.view({n});
+  at::Tensor out = at::empty({n}, part.options().dtype(dtype));
+  TORCH_CHECK(l != nullptr, "rmsnorm: no partial-sum launch");
+  l->run({&part, &out});
+  return out;
+}
+
+// The row kernels' backward launches: (dx, dw, db), undefined where not needed. Sources of the backward
+// kernel's pointers: dy, x, weight (x if absent), rstd, dx, dW partials (rstd if absent), db partials (rstd if
+// absent); then the partial sums (db in fp32).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> backward_launches(
+    const TritonLaunch& l, const TritonLaunch* sum_w, const TritonLaunch* sum_b, const at::Tensor& dy,
+    const at::Tensor& x, const at::Tensor* w, const at::Tensor& rstd, int64_t programs, bool zero_partials,
+    bool need_dx, bool need_dw, bool need_db, at::ScalarType dw_dtype) {
+  const int64_t n = x.size(-1);
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  const auto part_options = x.options().dtype(at::kFloat);
+  auto partials = [&](bool need) {
+    if (!need) return at::Tensor();
+    return zero_partials ? at::zeros({programs, n}, part_options) : at::empty({programs, n}, part_options);
+  };
+  at::Tensor dwp = partials(need_dw), dbp = partials(need_db);
+  l.run({&dy, &x, w ? w : &x, &rstd, &dx, need_dw ? &dwp : &rstd, need_db ? &dbp : &rstd});
+  at::Tensor dw = need_dw ? sum_partials(sum_w, dwp, dw_dtype) : at::Tensor();
+  at::Tensor db = need_db ? sum_partials(sum_b, dbp, at::kFloat) : at::Tensor();
+  return {need_dx ? dx : at::Tensor(), dw, db};
+}
+
+// The same as a call from Python: (dx, dw, db), None where not needed; None when the launch cannot go here now.
+py::object triton_backward(const TritonLaunch& l, const TritonLaunch* sum_w, const TritonLaunch* sum_b,
+                           py::handle dyo, py::handle xo, py::handle wo, py::handle rstdo, int64_t programs,
+                           bool zero_partials, bool need_dx, bool need_dw, bool need_db, at::ScalarType dw_dtype) {
+  if (!l.ready()) return py::none();
+  auto [dx, dw, db] = backward_launches(l, sum_w, sum_b, THPVariable_Unpack(dyo.ptr()), THPVariable_Unpack(xo.ptr()),
+                                        tensor_arg(wo), THPVariable_Unpack(rstdo.ptr()), programs, zero_partials,
+                                        need_dx, need_dw, need_db, dw_dtype);
+  return py::make_tuple(wrap_tensor(std::move(dx)), wrap_tensor(std::move(dw)), wrap_tensor(std::move(db)));
+}
+
+// The GPU entry's calls that record a backward, with the autograd node in C++ (a Python autograd.Function
+// costs more than the whole launch). TritonRows holds one entry key's launches: the forward that stores
+// rstd, and each backward launch once the Python side has bound it (by which gradients are needed and dy's
+// 16-byte alignment), with the partial sums. The node's backward runs them when dy is as y is and grad mode
+// is off; anything else (create_graph, another dtype or layout of dy, a launch not bound yet) calls back
+// into Python (set_triton_slow_backward: the entry binds there, or takes the general backward).
+struct TritonRows : torch::CustomClassHolder {
+  int64_t id = 0;  // the Python side's handle for its Rows (the slow backward looks it up)
+  Spec spec;
+  at::ScalarType x_dtype = at::kFloat, dw_dtype = at::kFloat, bias_dtype = at::ScalarType::Undefined;
+  int64_t programs = 1;
+  bool zero_partials = false;
+  std::optional<TritonLaunch> fwd;
+  std::unordered_map<int64_t, TritonLaunch> bwd;  // by backward_key
+  std::unordered_map<int64_t, TritonLaunch> sums;  // by output dtype
+
+  static int64_t backward_key(bool need_dw, bool need_db, int64_t align) {
+    return static_cast<int64_t>(need_dw) | static_cast<int64_t>(need_db) << 1 | align << 2;
+  }
+  const TritonLaunch* sum(at::ScalarType t) const {
+    auto it = sums.find(static_cast<int64_t>(t));
+    return it == sums.end() ? nullptr : &it->second;
+  }
+};
+
+py::object* g_triton_slow_backward = nullptr;
+
+void set_triton_slow_backward(py::object f) {
+  if (g_triton_slow_backward == nullptr) g_triton_slow_backward = new py::object();  // outlives Python
+  *g_triton_slow_backward = std::move(f);
+}
+
+// dy as the kernels read it: a plain, contiguous tensor of y's dtype and shape.
+bool plain_like(const at::Tensor& dy, const at::Tensor& x, at::ScalarType dtype) {
+  static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
+      c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor});
+  return dy.defined() && dy.layout() == at::kStrided && !dy.key_set().has_any(kOther) &&
+         dy.scalar_type() == dtype && dy.sizes() == x.sizes() && dy.is_contiguous() && dy.device() == x.device();
+}
+
+struct TritonRowsFunction : public torch::autograd::Function<TritonRowsFunction> {
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                            const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                            const c10::intrusive_ptr<TritonRows>& rows) {
+    const at::Tensor* w = weight ? &*weight : nullptr;
+    const at::Tensor* b = bias ? &*bias : nullptr;
+    at::Tensor y = at::empty(x.sizes(), x.options().dtype(rows->spec.out_dtype));
+    at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
+    rows->fwd->run({&x, w ? w : &x, b ? b : &x, &y, &rstd});
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), rstd});
+    ctx->saved_data["rows"] = c10::IValue::make_capsule(rows);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    auto saved = ctx->get_saved_variables();
+    const at::Tensor& x = saved[0];
+    const at::Tensor& rstd = saved[3];
+    auto rows = c10::static_intrusive_pointer_cast<TritonRows>(ctx->saved_data["rows"].toCapsule());
+    bool needs[3] = {false, false, false};  // an absent optional has no edge
+    for (size_t i = 0, edge = 0; i < 3; ++i) {
+      if (i == 0 || saved[i].defined()) needs[i] = ctx->needs_input_grad(edge++);
+    }
+    const bool need_dw = saved[1].defined() && needs[1], need_db = saved[2].defined() && needs[2];
+    torch::autograd::variable_list result(4);
+    const at::Tensor& dy = grads[0];
+    if (!at::GradMode::is_enabled() && plain_like(dy, x, rows->spec.out_dtype) && rows->fwd->ready()) {
+      const int64_t align = static_cast<int64_t>(reinterpret_cast<uintptr_t>(dy.data_ptr()) & 15);
+      auto it = rows->bwd.find(TritonRows::backward_key(need_dw, need_db, align));
+      const TritonLaunch* sum_w = rows->sum(rows->dw_dtype);
+      const TritonLaunch* sum_b = rows->sum(at::kFloat);
+      const bool sums_ready = (!need_dw || sum_w || (rows->programs == 1 && rows->dw_dtype == at::kFloat)) &&
+                              (!need_db || sum_b || rows->programs == 1);
+      if (it != rows->bwd.end() && sums_ready) {
+        auto [dx, dw, db] = backward_launches(it->second, sum_w, sum_b, dy, x, saved[1].defined() ? &saved[1] : nullptr,
+                                              rstd, rows->programs, rows->zero_partials, needs[0], need_dw, need_db,
+                                              rows->dw_dtype);
+        result[0] = dx;
+        result[1] = dw;
+        result[2] = db.defined() && db.scalar_type() != saved[2].scalar_type() ? db.to(saved[2].scalar_type()) : db;
+        return result;
+      }
+    }
+    TORCH_CHECK(g_triton_slow_backward != nullptr, "rmsnorm triton: no backward registered");
+    py::gil_scoped_acquire gil;
+    auto opt = [](const at::Tensor& t) { return t.defined() ? py::cast(t) : py::none(); };
+    py::tuple out = (*g_triton_slow_backward)(rows->id, rows->spec.fields(), rows->x_dtype, opt(dy), x, opt(saved[1]),
+                                              opt(saved[2]), rstd, py::make_tuple(needs[0], needs[1], needs[2]));
+    for (size_t i = 0; i < 3; ++i) {
+      if (!out[i].is_none()) result[i] = out[i].cast<at::Tensor>();
+    }
+    return result;
+  }
+};
+
+// The GPU entry's grad-mode call: y recorded for autograd, or None when the launch cannot go here now.
+py::object triton_apply(const c10::intrusive_ptr<TritonRows>& rows, py::handle xo, py::handle wo, py::handle bo) {
+  if (!rows->fwd || !rows->fwd->ready()) return py::none();
+  std::optional<at::Tensor> w, b;
+  if (wo.ptr() != Py_None) w = THPVariable_Unpack(wo.ptr());
+  if (bo.ptr() != Py_None) b = THPVariable_Unpack(bo.ptr());
+  return wrap_tensor(TritonRowsFunction::apply(THPVariable_Unpack(xo.ptr()), w, b, rows));
+}
+
 }  // namespace
 
 // rmsnorm.spec.Spec (a NamedTuple) -> Spec, read with the C API (this runs on every call).
@@ -1315,5 +1583,40 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            }));
   m.def("call", &call, "the eager entry: y (or (y, h) with a residual), or None for the Python path",
         py::arg("config"), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("residual") = py::none());
+  py::class_<TritonLaunch>(m, "TritonLaunch")
+      .def(py::init(&make_triton_launch), py::arg("function"), py::arg("grid"), py::arg("block"), py::arg("shared"),
+           py::arg("bytes"), py::arg("offsets"), py::arg("sizes"), py::arg("slots"), py::arg("device"))
+      .def("launch", [](const TritonLaunch& l, const std::vector<at::Tensor>& sources) {
+             TORCH_CHECK(sources.size() >= 7, "rmsnorm: launch takes 7 source tensors");
+             const at::Tensor* s = sources.data();
+             l.run({s, s + 1, s + 2, s + 3, s + 4, s + 5, s + 6});
+           }, "launch with these source tensors (tests)")
+      .def_readonly("offsets", &TritonLaunch::offsets)
+      .def_readonly("sizes", &TritonLaunch::sizes)
+      .def_property_readonly("bytes", [](const TritonLaunch& l) { return py::bytes(l.bytes); });
+  py::class_<TritonRows, c10::intrusive_ptr<TritonRows>>(m, "TritonRows")
+      .def(py::init([](int64_t id, const Spec& spec, at::ScalarType x_dtype, at::ScalarType dw_dtype,
+                       int64_t programs, bool zero_partials) {
+             auto r = c10::make_intrusive<TritonRows>();
+             r->id = id;
+             r->spec = spec;
+             r->x_dtype = x_dtype;
+             r->dw_dtype = dw_dtype;
+             r->programs = programs;
+             r->zero_partials = zero_partials;
+             return r;
+           }))
+      .def("set_forward", [](TritonRows& r, const TritonLaunch& l) { r.fwd = l; })
+      .def("set_backward", [](TritonRows& r, bool need_dw, bool need_db, int64_t align, const TritonLaunch& l) {
+             r.bwd[TritonRows::backward_key(need_dw, need_db, align)] = l;
+           })
+      .def("set_sum", [](TritonRows& r, at::ScalarType dtype, const TritonLaunch& l) {
+             r.sums[static_cast<int64_t>(dtype)] = l;
+           })
+      .def_property_readonly("backwards", [](const TritonRows& r) { return r.bwd.size(); });
+  m.def("triton_apply", &triton_apply, "the GPU entry's grad-mode call with its C++ autograd node: y, or None");
+  m.def("set_triton_slow_backward", &set_triton_slow_backward, "the Python backward for what the node does not serve");
+  m.def("triton_forward", &triton_forward, "the GPU entry's forward: y, (y, rstd) with keep, or None");
+  m.def("triton_backward", &triton_backward, "the GPU entry's backward: (dx, dw, db), or None");
   m.def("set_auto_is_cpu", &set_auto_is_cpu, "whether the automatic backend choice on CPU is this backend");
 }

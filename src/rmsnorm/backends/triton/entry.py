@@ -8,7 +8,11 @@ lookup: the key is what the launch depends on (x's shape, strides, dtype, device
 same for the gain and bias, and which tensors need gradients); its value, :class:`Rows`, was built by the
 checked route's own pieces (``resolve``, the registry's choice, the launch heuristics) on the first call
 with that key, and holds the kernels bound to that specialization (:class:`~.prebound.Bound`). Later
-calls allocate the output and launch: no checks beyond the key, no views, no Triton specialization.
+calls allocate the output and launch: no checks beyond the key, no views, no Triton specialization. Once a
+kernel has launched, its later launches and their allocations go through one C++ call
+(``triton_forward`` / ``triton_backward`` in ``backends/cpu/kernel.cpp``, with the parameters packed by
+:func:`~.prebound.cxx_launch`) where the C++ library loads and the Triton version is one whose launcher
+that packing matches; elsewhere through the pre-bound Python launches.
 
 Served: plain tensors (no subclass), rows of one trailing dimension, contiguous x (or (M, N) with unit
 column stride), no residual, rows that fit the row kernels (forward, and in grad mode also the backward),
@@ -20,7 +24,10 @@ unusual gradients (another dtype or layout) take the general backward.
 
 from __future__ import annotations
 
+import itertools
+import weakref
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -29,6 +36,7 @@ from torch import Tensor
 
 from ...spec import Cast, Spec
 from .. import registry
+from . import prebound
 
 _is_grad_enabled = torch.is_grad_enabled
 _tracing = torch._C._get_tracing_state
@@ -37,6 +45,9 @@ _dispatch_modes = torch._C._len_torch_dispatch_stack
 _GENERATION = [0]  # bumped when the backend choice may change: every entry rebuilds its table
 _listening: list[bool] = []
 MAX_KEYS = 64  # distinct (shape, layout, dtype ...) keys remembered per entry (then it starts over)
+# Rows by the handle their C++ autograd node keeps (the node's slow backward finds them here, if alive)
+_ROWS: weakref.WeakValueDictionary[int, Rows] = weakref.WeakValueDictionary()
+_HANDLES = itertools.count(1)
 
 
 def _changed() -> None:
@@ -96,9 +107,14 @@ def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         rows = plan.table[key] = _plan_rows(plan, x, weight, bias, needs)
     if rows is None:
         return None
+    cxx = prebound.direct()
     if needs:
+        if rows.grad_node is not None and cxx:  # the C++ autograd node, once a backward has been bound
+            y = rows.grad_node[0](rows.grad_node[1], x, weight, bias)
+            if y is not None:
+                return y
         return EntryFunction.apply(x, weight, bias, rows)
-    return rows.forward(x, weight, bias, False)[0]
+    return rows.forward(x, weight, bias, False, cxx)[0]
 
 
 def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, grad: bool) -> Rows | None:
@@ -130,15 +146,19 @@ class Rows:
     kernel and the partial-sum kernel), bound to the key's specialization."""
 
     __slots__ = (
+        "__weakref__",
         "backend",
         "bwd",
         "bwd_cfg",
+        "cxx",
         "device",
         "dw_dtype",
         "fwd",
         "fwd_rstd",
+        "grad_node",
         "m",
         "n",
+        "node",
         "out_dtype",
         "rstd_shape",
         "scalars",
@@ -152,7 +172,7 @@ class Rows:
     def __init__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
                  m: int, n: int, fwd_cfg: Any, bwd_cfg: Any) -> None:
         from . import kernels
-        from .launch import _TL, _gate_consts, _round_ty, prebound
+        from .launch import _TL, _gate_consts, _round_ty
 
         self.spec, self.backend, self.device, self.m, self.n, self.x_dtype = spec, be, x.device, m, n, x.dtype
         self.shape, self.rstd_shape = x.shape, x.shape[:-1]
@@ -172,6 +192,20 @@ class Rows:
         # dW in the weight's dtype from the partial-sum kernel on a GPU; fp32 under the interpreter (whose
         # bf16 stores truncate), cast afterwards (as launch.backward)
         self.dw_dtype = weight.dtype if weight is not None and x.device.type in prebound.DEVICES else torch.float32
+        # the same launches from C++ (prebound.cxx_launch), made after each kernel's first launch: by name,
+        # None where unavailable
+        self.cxx: dict[Any, Any] = {}
+        # calls that record a backward: the C++ autograd node's launches (kernel.cpp's TritonRows), filled in as
+        # the launches are made; grad_node = (triton_apply, node) once it has a backward
+        self.node: Any = None
+        self.grad_node: tuple | None = None
+        mod = prebound._cxx_module() if bwd_cfg is not None else None
+        if mod is not None:
+            handle = next(_HANDLES)
+            _ROWS[handle] = self
+            _register_slow_backward(mod)
+            self.node = mod.TritonRows(handle, spec, x.dtype, self.dw_dtype, bwd_cfg.programs,
+                                       not bwd_cfg.acc_in_regs)
 
     @classmethod
     def build(cls, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
@@ -187,13 +221,25 @@ class Rows:
             return None
         return cls(x, weight, bias, spec, be, m, n, cfg, bcfg)
 
-    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, keep: bool
+    def forward(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, keep: bool, cxx: bool = True
                 ) -> tuple[Tensor, Tensor | None]:
-        """(y, rstd if ``keep``) for this key's x."""
+        """(y, rstd if ``keep``) for this key's x; ``cxx``: the C++ launch may serve it (prebound.direct)."""
+        launch = self.cxx.get(keep) if cxx else None
+        if launch is not None:
+            out = launch[0](launch[1], x, weight, bias, self.out_dtype, keep)
+            if out is not None:
+                return out if keep else (out, None)
         y = torch.empty(self.shape, dtype=self.out_dtype, device=self.device)
         rstd = torch.empty(self.rstd_shape, dtype=torch.float32, device=self.device) if keep else None
-        (self.fwd_rstd if keep else self.fwd)(x, x, x if weight is None else weight, x if bias is None else bias, y,
-                                              y, y if rstd is None else rstd, *self.scalars, x)
+        bound = self.fwd_rstd if keep else self.fwd
+        w, b, r = x if weight is None else weight, x if bias is None else bias, y if rstd is None else rstd
+        args = (x, x, w, b, y, y, r, *self.scalars, x)
+        bound(*args)
+        if keep not in self.cxx and bound.compiled is not None:
+            made = prebound.cxx_launch(bound, args, (x, w, b, y, r))
+            self.cxx[keep] = None if made is None else (prebound._cxx_module().triton_forward, made)
+            if made is not None and keep and self.node is not None:
+                self.node.set_forward(made)
         return y, rstd
 
     def backward(self, dy: Tensor, x: Tensor, weight: Tensor | None, rstd: Tensor, need_dx: bool,
@@ -203,27 +249,51 @@ class Rows:
                 or not dy.is_contiguous() or dy.is_neg()):
             return None
         key = (need_dw, need_db, dy.data_ptr() & 15)
+        cfg, n = self.bwd_cfg, self.n
+        launch = self.cxx.get(key)
+        if launch is not None and prebound.direct():
+            out = launch[0](launch[1], launch[2], launch[3], dy, x, weight, rstd, cfg.programs,
+                            not cfg.acc_in_regs, need_dx, need_dw, need_db, self.dw_dtype)
+            if out is not None:
+                return out
         bound = self.bwd.get(key)
         if bound is None:
             bound = self.bwd[key] = self._bind_backward(need_dw, need_db, weight is not None)
-        cfg, n = self.bwd_cfg, self.n
         dx = torch.empty(self.shape, dtype=self.x_dtype, device=self.device)
         alloc = torch.empty if cfg.acc_in_regs else torch.zeros
         dwp = alloc((cfg.programs, n), dtype=torch.float32, device=self.device) if need_dw else None
         dbp = alloc((cfg.programs, n), dtype=torch.float32, device=self.device) if need_db else None
         spec = self.spec
-        bound(dy, x, x, x if weight is None else weight, rstd, dx, rstd if dwp is None else dwp,
-              rstd if dbp is None else dbp, n, self.stride, self.stride, self.m, n, spec.k, spec.eps, spec.offset,
-              x, dx, x)
+        w, pw, pb = x if weight is None else weight, rstd if dwp is None else dwp, rstd if dbp is None else dbp
+        args = (dy, x, x, w, rstd, dx, pw, pb, n, self.stride, self.stride, self.m, n, spec.k, spec.eps, spec.offset,
+                x, dx, x)
+        bound(*args)
         dw = self._sum(dwp, self.dw_dtype) if dwp is not None else None
         if dw is not None and weight is not None and dw.dtype != weight.dtype:
             dw = dw.to(weight.dtype)  # (fp32 sums under the interpreter, as in launch.backward)
         db = self._sum(dbp, torch.float32) if dbp is not None else None
+        if key not in self.cxx and bound.compiled is not None:
+            made = self.cxx[key] = self._cxx_backward(bound, args, (dy, x, w, rstd, dx, pw, pb), need_dw, need_db)
+            if made is not None and self.node is not None:
+                self.node.set_backward(need_dw, need_db, key[2], made[1])
+                if self.cxx.get(True) is not None:
+                    self.grad_node = (prebound._cxx_module().triton_apply, self.node)
         return (dx if need_dx else None), dw, db
+
+    def _cxx_backward(self, bound: Any, args: tuple, sources: tuple, need_dw: bool, need_db: bool) -> Any:
+        """The C++ backward's launches (backward kernel, partial sums) once all are bound, else None."""
+        made = prebound.cxx_launch(bound, args, sources)
+        sums = {}
+        for need, dtype in ((need_dw, self.dw_dtype), (need_db, torch.float32)):
+            if need and not (self.bwd_cfg.programs == 1 and dtype == torch.float32):
+                sums[dtype] = self.cxx.get(("sum", dtype))
+        if made is None or any(v is None for v in sums.values()):
+            return None
+        return (prebound._cxx_module().triton_backward, made, sums.get(self.dw_dtype), sums.get(torch.float32))
 
     def _bind_backward(self, need_dw: bool, need_db: bool, has_w: bool) -> Any:
         from . import kernels
-        from .launch import _gate_consts, _round_ty, prebound
+        from .launch import _gate_consts, _round_ty
 
         cfg, spec = self.bwd_cfg, self.spec
         consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
@@ -235,7 +305,7 @@ class Rows:
     def _sum(self, part: Tensor, dtype: torch.dtype) -> Tensor:
         """The column sums of the per-program partials, in ``dtype`` (see launch._sum_partials)."""
         from . import kernels
-        from .launch import SUM_BLOCK, prebound
+        from .launch import SUM_BLOCK
 
         rows, n = part.shape
         if rows == 1 and dtype == torch.float32:
@@ -246,7 +316,41 @@ class Rows:
             bound = self.sums[dtype] = prebound.Bound(kernels._sum_partials, (-(-n // SUM_BLOCK),),
                                                       {"BLOCK_N": SUM_BLOCK, "num_warps": 4}, self.device)
         bound(part, out, rows, n)
+        if ("sum", dtype) not in self.cxx and bound.compiled is not None:
+            made = self.cxx["sum", dtype] = prebound.cxx_launch(bound, (part, out, rows, n), (part, out))
+            if made is not None and self.node is not None:
+                self.node.set_sum(dtype, made)
         return out
+
+
+_registered: list[Any] = []
+
+
+def _register_slow_backward(mod: Any) -> None:
+    if mod not in _registered:
+        mod.set_triton_slow_backward(_slow_backward)
+        _registered.append(mod)
+
+
+def _slow_backward(handle: int, spec_fields: tuple, x_dtype: torch.dtype, dy: Tensor | None, x: Tensor,
+                   weight: Tensor | None, bias: Tensor | None, rstd: Tensor, needs: tuple[bool, bool, bool]
+                   ) -> tuple:
+    """The C++ autograd node's backward for what it does not serve itself: the entry's Python backward
+    (which binds the launches the node then uses), else the general backward (create_graph, unusual dy)."""
+    rows = _ROWS.get(handle)
+    if rows is not None and dy is not None and not torch.is_grad_enabled():
+        out = rows.backward(dy, x, weight, rstd, needs[0], weight is not None and needs[1],
+                            bias is not None and needs[2])
+        if out is not None:
+            dx, dw, db = out
+            return dx, dw, (None if db is None or bias is None else db.to(bias.dtype))
+    from ...ops import _backward_direct, _input_grads
+
+    ctx = SimpleNamespace(saved_tensors=(x, weight, bias, rstd), needs_input_grad=(*needs, False),
+                          spec=Spec(*spec_fields), x_dtype=x_dtype,
+                          backend=rows.backend if rows is not None else registry.get("triton"))
+    dx, dw, db, _ = _input_grads(ctx, dy, None, _backward_direct)
+    return dx, dw, db
 
 
 class EntryFunction(torch.autograd.Function):
@@ -256,7 +360,7 @@ class EntryFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, weight: Tensor | None, bias: Tensor | None, rows: Rows) -> Tensor:
-        y, rstd = rows.forward(x, weight, bias, True)
+        y, rstd = rows.forward(x, weight, bias, True, prebound.direct())
         ctx.save_for_backward(x, weight, bias, rstd)
         ctx.rows = rows
         return y

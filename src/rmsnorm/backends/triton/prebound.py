@@ -15,11 +15,21 @@ pointers on 16-byte alignment, dtypes by type). Scalars by value cost a Triton l
 Not pre-bound (Triton's own path every time): the interpreter (``TRITON_INTERPRET=1``), launches while a
 Triton launch hook is set (profilers), and any Triton whose compiled kernels lack the launch fields used
 here; a launch that fails to bind turns pre-binding off for the process.
+
+:func:`cxx_launch` goes one step further for the eager entry (``entry.py``): a bound kernel as a C++
+``TritonLaunch`` (``backends/cpu/kernel.cpp``), which the entry's C++ calls allocate for and launch with
+``cuLaunchKernel``, no Python in between. Its parameters are packed here as Triton's launcher packs them
+(the specialized signature's non-constexpr arguments in order, then the global and profile scratch
+pointers, both null); only Triton versions whose launcher does exactly that are served
+(``CXX_TRITON_VERSIONS``: read in their sources, and checked byte for byte against Triton's own launch on
+a stand-in libcuda by tests/test_triton_cxx_launch.py), and only kernels without scratch memory,
+clusters, cooperative or programmatic launches.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,12 +68,13 @@ class Bound:
     kernel) and keeps the compiled kernel; later calls run it directly. The caller guarantees that every later
     call's arguments specialize as the first call's did (see :class:`Prebound` for what Triton looks at)."""
 
-    __slots__ = ("bindable", "compiled", "consts", "grid", "index", "kernel", "stream", "tail")
+    __slots__ = ("bindable", "compiled", "consts", "device_type", "grid", "index", "kernel", "stream", "tail")
 
     def __init__(self, kernel: Any, grid: Sequence[int], consts: dict, device: torch.device) -> None:
         self.kernel, self.consts = kernel, consts
         self.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
         self.bindable = device.type in DEVICES
+        self.device_type = device.type
         self.index = device.index
         self.compiled: Any = None
         self.tail: tuple = ()
@@ -113,3 +124,92 @@ class Prebound:
                 self._cache.clear()
             bound = self._cache[key] = Bound(self.kernel, grid, consts, device)
         bound(*args)
+
+
+CXX_TRITON_VERSIONS = {(3, 6), (3, 9)}  # Triton releases whose launcher packs parameters as cxx_launch does
+_SCALARS = {"i1": "<b", "i8": "<b", "i16": "<h", "i32": "<i", "i64": "<q", "u1": "<B", "u8": "<B", "u16": "<H",
+            "u32": "<I", "u64": "<Q", "fp32": "<f", "fp64": "<d"}
+_MAX_SHARED = 228 * 1024  # above this Triton adds a launch attribute (oversized shared memory)
+_cxx_state: list[Any] = []  # [the C++ module or None], once looked up
+
+
+def _cxx_module() -> Any:
+    """The C++ module that holds TritonLaunch (the cpu backend's library), or None where it cannot load."""
+    if not _cxx_state:
+        mod = None
+        try:
+            import triton
+
+            version = tuple(int(v) for v in triton.__version__.split(".")[:2])
+            if version in CXX_TRITON_VERSIONS:
+                from ..cpu import build
+
+                mod = build.loaded() or build.module()
+        except Exception:  # no compiler, a failed build, an unknown version string: Python launches
+            mod = None
+        _cxx_state.append(mod if hasattr(mod, "TritonLaunch") else None)
+    return _cxx_state[0]
+
+
+def direct() -> bool:
+    """Whether launches may bypass Triton's Python launcher now: pre-binding on and no launch hook set (a
+    profiler's hooks see every launch: while one is set, launches take Triton's own path)."""
+    return _enabled[0] and not _hooked((_triton or _import_triton())[0].runtime)
+
+
+def cxx_launch(bound: Bound, args: Sequence[Any], sources: Sequence[torch.Tensor]) -> Any:
+    """``bound``'s launch as a C++ ``TritonLaunch`` whose tensor parameters come from ``sources`` (by
+    position, matched by identity with the tensors in ``args``, the arguments of a launch already made), or
+    None where that cannot be done exactly (see the module docstring)."""
+    compiled = bound.compiled
+    if compiled is None or not _enabled[0]:
+        return None
+    mod = _cxx_module()
+    meta = getattr(compiled, "metadata", None)
+    src = getattr(compiled, "src", None)
+    if mod is None or meta is None or src is None or not hasattr(compiled, "function"):
+        return None
+    launcher = compiled.run
+    if (getattr(meta, "num_ctas", 1) != 1 or getattr(meta, "launch_cooperative_grid", True)
+            or getattr(meta, "launch_pdl", True) or getattr(meta, "global_scratch_size", 1)
+            or getattr(meta, "profile_scratch_size", 1) or getattr(launcher, "gsan_enabled", False)
+            or meta.shared > _MAX_SHARED or getattr(meta, "tensordesc_meta", None)):
+        return None
+    values = (*args, *bound.tail)
+    names = bound.kernel.arg_names
+    signature = src.signature
+    if len(values) != len(names):
+        return None
+    packed, offsets, sizes, slots = bytearray(), [], [], []
+    for name, value in zip(names, values):
+        ty = signature.get(name)
+        if ty == "constexpr":
+            continue
+        if isinstance(ty, str) and ty.startswith("*") and isinstance(value, torch.Tensor):
+            source = next((i for i, t in enumerate(sources) if t is value), None)
+            if source is None:
+                return None
+            slots.append((len(offsets), source))
+            item = bytes(8)
+        elif ty in _SCALARS and isinstance(value, (int, float)):
+            try:
+                item = struct.pack(_SCALARS[ty], value)
+            except struct.error:
+                return None
+        else:
+            return None
+        packed += bytes(-len(packed) % len(item))  # natural alignment
+        offsets.append(len(packed))
+        sizes.append(len(item))
+        packed += item
+    for _ in range(2):  # the global and the profile scratch pointers: none
+        packed += bytes(-len(packed) % 8)
+        offsets.append(len(packed))
+        sizes.append(8)
+        packed += bytes(8)
+    device = -1 if bound.device_type != "cuda" else (bound.index or 0)
+    try:
+        return mod.TritonLaunch(int(compiled.function), bound.grid, 32 * int(meta.num_warps), int(meta.shared),
+                                bytes(packed), offsets, sizes, slots, device)
+    except (RuntimeError, TypeError, ValueError):
+        return None
