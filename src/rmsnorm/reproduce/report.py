@@ -316,9 +316,15 @@ def _task_sections(out: Path, raw: dict) -> list[str]:
         grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
         if grid:
             metric = metric_of(task)
+            lrs = sorted({r["lr"] for r in grid})
+            chosen = raw["lr"].get(task, {})
+            edge = [v for v in VARIANTS if chosen.get(v) is not None and len(lrs) > 1
+                    and chosen[v] in (lrs[0], lrs[-1])]
             lines += ["", "Learning rate per variant, chosen on the dev split (seed 0): " + "; ".join(
                 f"{v}: " + ", ".join(f"{r['lr']:g} → {r['dev'][metric]}" for r in grid if r["variant"] == v)
-                for v in VARIANTS if any(r["variant"] == v for r in grid)) + "."]
+                for v in VARIANTS if any(r["variant"] == v for r in grid)) + "."
+                + (f" Chosen at an end of the grid ({', '.join(edge)}): a wider grid might find a better rate "
+                   "for those variants." if edge else "")]
         trivial = _json(out / "trivial" / f"{task}.json")
         if trivial:
             lines += ["", "Trivial baseline: " + ", ".join(f"{k} {val}" for k, val in trivial.items()) + "."]
