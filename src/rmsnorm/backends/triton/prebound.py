@@ -180,7 +180,10 @@ def cxx_launch(bound: Bound, args: Sequence[Any], sources: Sequence[torch.Tensor
     signature = src.signature
     if len(values) != len(names):
         return None
-    packed, offsets, sizes, slots = bytearray(), [], [], []
+    packed = bytearray()
+    offsets: list[int] = []
+    sizes: list[int] = []
+    slots: list[tuple[int, int]] = []
     for name, value in zip(names, values):
         ty = signature.get(name)
         if ty == "constexpr":
