@@ -1274,7 +1274,16 @@ struct TritonLaunch {
   bool ready() const {
     if (cu_launch_kernel() == nullptr) return false;
     if (device < 0) return true;
-    return c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA)->getDevice().index() == device;
+    const auto* impl = c10::impl::getDeviceGuardImpl(c10::DeviceType::CUDA);
+    static const bool has_handles = [impl] {  // torch answers the raw stream of a c10::Stream
+      try {
+        impl->getStream(impl->getDevice()).native_handle();
+        return true;
+      } catch (const std::exception&) {
+        return false;
+      }
+    }();
+    return has_handles && impl->getDevice().index() == device;
   }
 
   void run(std::initializer_list<const at::Tensor*> sources) const {
