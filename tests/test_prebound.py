@@ -126,9 +126,8 @@ def test_a_launcher_that_does_not_bind_turns_prebinding_off(cpu_prebound):
     assert prebound._enabled == [False]
 
 
-def test_prebound_launches_bind_to_tritons_real_launcher():
-    """benchmarks/cuda_host_cost.py --quick: Triton's real CUDA launcher against a stand-in libcuda, so that
-    a Triton whose launcher takes other arguments fails here rather than silently on a GPU."""
+def _stand_in_run(option: str) -> str:
+    """benchmarks/cuda_host_cost.py with ``option`` (Triton's real launcher on a stand-in libcuda): its output."""
     import shutil
     import subprocess
     import sys
@@ -137,28 +136,26 @@ def test_prebound_launches_bind_to_tritons_real_launcher():
     if shutil.which("cc") is None:
         pytest.skip("needs a C compiler")
     root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cuda_host_cost.py"), "--quick"],
-                         capture_output=True, text=True, timeout=600, cwd=root)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    assert "pre-binding on" in run.stdout, run.stdout[-2000:]
+    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cuda_host_cost.py"), option],
+                         capture_output=True, text=True, timeout=900, cwd=root)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    return run.stdout
+
+
+def test_prebound_launches_bind_to_tritons_real_launcher():
+    """--quick: Triton's real CUDA launcher against a stand-in libcuda, so that a Triton whose launcher takes
+    other arguments fails here rather than silently on a GPU."""
+    out = _stand_in_run("--quick")
+    assert "pre-binding on" in out, out[-2000:]
 
 
 def test_cxx_launches_match_tritons_own_byte_for_byte():
-    """benchmarks/cuda_host_cost.py --check: every launch the GPU eager entry makes from C++ (its packed
-    parameters, grid, block, shared memory, stream) against Triton's own launch of the same kernel with the
-    same arguments, as a stand-in libcuda records them; forward and backward over dtypes, shapes, options."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    if shutil.which("cc") is None:
-        pytest.skip("needs a C compiler")
-    root = Path(__file__).resolve().parents[1]
-    run = subprocess.run([sys.executable, str(root / "benchmarks" / "cuda_host_cost.py"), "--check"],
-                         capture_output=True, text=True, timeout=900, cwd=root)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert " 0 differ" in run.stdout, run.stdout[-2000:]
+    """--check: every launch the GPU eager entry makes from C++ (its packed parameters, grid, block, shared
+    memory, stream) against Triton's own launch of the same kernel with the same arguments, as a stand-in
+    libcuda records them; forward and backward over dtypes, shapes and options; grad-mode calls recorded by
+    the C++ node; create_graph gradients through it equal to the reference backend's."""
+    out = _stand_in_run("--check")
+    assert " 0 differ" in out, out[-2000:]
 
 
 def test_cxx_launch_packing(monkeypatch):
@@ -170,14 +167,17 @@ def test_cxx_launch_packing(monkeypatch):
         global_scratch_size = profile_scratch_size = 0
         shared, num_warps = 64, 4
 
+    from types import MappingProxyType
+
     class Src:
-        signature = {"X": "*bf16", "N": "i32", "eps": "fp32", "Y": "*bf16", "S": "i64", "BLOCK": "constexpr"}
+        signature = MappingProxyType({"X": "*bf16", "N": "i32", "eps": "fp32", "Y": "*bf16", "S": "i64",
+                                      "BLOCK": "constexpr"})
 
     class Compiled:
         metadata, src, function, run = Meta, Src, 1234, object()
 
     class Kernel:
-        arg_names = ["X", "N", "eps", "Y", "S", "BLOCK"]
+        arg_names = ("X", "N", "eps", "Y", "S", "BLOCK")
 
     made = {}
 
