@@ -148,12 +148,32 @@ def load(force: bool = False, quiet: bool = False):
                 mod = None if force else _cached(directory, want)  # another process may have built it meanwhile
                 if mod is None:
                     mod = _build(directory, want, quiet)
-        from ... import composite
+        return _adopt(mod)
 
-        mod.set_graph_backward(composite.graph_backward)
-        _state["path"] = mod.__file__
-        _state["module"] = mod
-        return mod
+
+def load_cached():
+    """The extension module if it is loaded or a matching build is cached, else None (never builds: the GPU
+    entry's C++ launches use the library only where it is already built, by ``rmsnorm build`` or a CPU call)."""
+    with _lock:
+        if "module" in _state:
+            return _state["module"]
+        if os.environ.get("RMSNORM_CPU_BUILD", "1") == "0":
+            return None
+        try:
+            mod = _cached(build_directory(), stamp())
+        except (BuildError, OSError, ImportError):
+            return None
+        return None if mod is None else _adopt(mod)
+
+
+def _adopt(mod):
+    """Finish loading ``mod`` for this process (the differentiable backward it calls back) and keep it."""
+    from ... import composite
+
+    mod.set_graph_backward(composite.graph_backward)
+    _state["path"] = mod.__file__
+    _state["module"] = mod
+    return mod
 
 
 def _cached(directory: Path, want: str):

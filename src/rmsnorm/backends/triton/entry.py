@@ -11,7 +11,7 @@ with that key, and holds the kernels bound to that specialization (:class:`~.pre
 calls allocate the output and launch: no checks beyond the key, no views, no Triton specialization. Once a
 kernel has launched, its later launches and their allocations go through one C++ call
 (``triton_forward`` / ``triton_backward`` in ``backends/cpu/kernel.cpp``, with the parameters packed by
-:func:`~.prebound.cxx_launch`) where the C++ library loads and the Triton version is one whose launcher
+:func:`~.prebound.cxx_launch`) where the C++ library is built and the Triton version is one whose launcher
 that packing matches; elsewhere through the pre-bound Python launches.
 
 Served: plain tensors (no subclass), rows of one trailing dimension, contiguous x (or (M, N) with unit

@@ -18,7 +18,8 @@ here; a launch that fails to bind turns pre-binding off for the process.
 
 :func:`cxx_launch` goes one step further for the eager entry (``entry.py``): a bound kernel as a C++
 ``TritonLaunch`` (``backends/cpu/kernel.cpp``), which the entry's C++ calls allocate for and launch with
-``cuLaunchKernel``, no Python in between. Its parameters are packed here as Triton's launcher packs them
+``cuLaunchKernel``, no Python in between, where that library is already built (``rmsnorm build``; a GPU
+call never compiles it). Its parameters are packed here as Triton's launcher packs them
 (the specialized signature's non-constexpr arguments in order, then the global and profile scratch
 pointers, both null); only Triton versions whose launcher does exactly that are served
 (``CXX_TRITON_VERSIONS``: read in their sources, and checked byte for byte against Triton's own launch on
@@ -144,8 +145,8 @@ def _cxx_module() -> Any:
             if version in CXX_TRITON_VERSIONS:
                 from ..cpu import build
 
-                mod = build.loaded() or build.module()
-        except Exception:  # no compiler, a failed build, an unknown version string: Python launches
+                mod = build.load_cached()  # (built by `rmsnorm build` or a CPU call; never compiled from here)
+        except (ImportError, ValueError):  # no Triton, an unusual version string: Python launches
             mod = None
         _cxx_state.append(mod if hasattr(mod, "TritonLaunch") else None)
     return _cxx_state[0]
