@@ -1499,6 +1499,74 @@ struct TritonRowsFunction : public torch::autograd::Function<TritonRowsFunction>
   }
 };
 
+// The GPU entry's key for a call on (x, weight, bias): everything its launch depends on, exactly, as bytes
+// (shape, strides, dtype, device, 16-byte alignment, requires_grad and class of each tensor; whether the
+// call records a backward, first; and x.is_inference() for such calls), or None for a call the entry does
+// not serve (a subclass, a transform, tracing, a dispatch mode, a negative view: the caller's general route).
+// Python checks forward-mode AD levels and the residual.
+bool plain_any(const at::Tensor& t) {
+  static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
+      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
+      c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor,
+      c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode});
+  return t.layout() == at::kStrided && !t.key_set().has_any(kOther);
+}
+
+PyTypeObject* parameter_type() {
+  static PyTypeObject* type = [] {
+    py::gil_scoped_acquire gil;
+    py::object parameter = py::module_::import("torch.nn").attr("Parameter");
+    return reinterpret_cast<PyTypeObject*>(parameter.release().ptr());  // kept for the process
+  }();
+  return type;
+}
+
+void key_tensor(std::string& k, const at::Tensor& t, char kind) {
+  const int64_t dim = t.dim();
+  k.push_back(kind);
+  k.push_back(static_cast<char>(t.scalar_type()));
+  k.push_back(static_cast<char>(t.device().type()));
+  k.push_back(static_cast<char>(t.device().index()));
+  k.push_back(static_cast<char>(reinterpret_cast<uintptr_t>(t.data_ptr()) & 15));
+  k.push_back(static_cast<char>(t.requires_grad()));
+  k.push_back(static_cast<char>(dim));
+  k.append(reinterpret_cast<const char*>(t.sizes().data()), dim * sizeof(int64_t));
+  k.append(reinterpret_cast<const char*>(t.strides().data()), dim * sizeof(int64_t));
+}
+
+py::object triton_key(py::handle xo, py::handle wo, py::handle bo) {
+  if (!THPVariable_CheckExact(xo.ptr())) return py::none();
+  const at::Tensor& x = THPVariable_Unpack(xo.ptr());
+  if (!plain_any(x) || torch::jit::tracer::isTracing() || c10::impl::TorchDispatchModeTLS::stack_len() > 0 ||
+      c10::impl::tls_is_dispatch_key_included(c10::DispatchKey::FuncTorchDynamicLayerFrontMode)) {
+    return py::none();
+  }
+  const at::Tensor* p[2] = {nullptr, nullptr};
+  char kinds[2] = {0, 0};
+  PyObject* objs[2] = {wo.ptr(), bo.ptr()};
+  for (int i = 0; i < 2; ++i) {
+    if (objs[i] == Py_None) continue;
+    if (!THPVariable_Check(objs[i])) return py::none();
+    const bool exact = THPVariable_CheckExact(objs[i]);
+    if (!exact && Py_TYPE(objs[i]) != parameter_type()) return py::none();
+    p[i] = &THPVariable_Unpack(objs[i]);
+    if (!plain_any(*p[i])) return py::none();
+    kinds[i] = exact ? 'T' : 'P';
+  }
+  const bool needs = at::GradMode::is_enabled() &&
+                     (x.requires_grad() || (p[0] && p[0]->requires_grad()) || (p[1] && p[1]->requires_grad()));
+  std::string k;
+  k.reserve(128);
+  k.push_back(static_cast<char>(needs));
+  k.push_back(static_cast<char>(needs && x.is_inference()));
+  key_tensor(k, x, 'x');
+  for (int i = 0; i < 2; ++i) {
+    if (p[i]) key_tensor(k, *p[i], kinds[i]);
+    else k.push_back('-');
+  }
+  return py::bytes(k);
+}
+
 // The GPU entry's grad-mode call: y recorded for autograd, or None when the launch cannot go here now.
 py::object triton_apply(const c10::intrusive_ptr<TritonRows>& rows, py::handle xo, py::handle wo, py::handle bo) {
   if (!rows->fwd || !rows->fwd->ready()) return py::none();
@@ -1623,6 +1691,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
              r.sums[static_cast<int64_t>(dtype)] = l;
            })
       .def_property_readonly("backwards", [](const TritonRows& r) { return r.bwd.size(); });
+  m.def("triton_key", &triton_key, "the GPU entry's key of a call (bytes; the first: whether it records a backward), "
+        "or None");
   m.def("triton_apply", &triton_apply, "the GPU entry's grad-mode call with its C++ autograd node: y, or None");
   m.def("set_triton_slow_backward", &set_triton_slow_backward, "the Python backward for what the node does not serve");
   m.def("triton_forward", &triton_forward, "the GPU entry's forward: y, (y, rstd) with keep, or None");

@@ -57,12 +57,16 @@ def _changed() -> None:
 class Plan:
     """The options of one module (or one set of ``rms_norm`` keyword arguments) and their launch table."""
 
-    __slots__ = ("generation", "options", "table")
+    __slots__ = ("generation", "keyer", "options", "table")
 
     def __init__(self, options: tuple) -> None:
         self.options = options  # resolve()'s option arguments: normalized_shape ... out_dtype
-        self.table: dict[tuple, Rows | None] = {}
+        self.table: dict[Any, Rows | None] = {}
         self.generation = _GENERATION[0]
+        # the key in C++ where the library is built (kernel.cpp's triton_key: the same fields and declines
+        # as _python_key, as bytes), else in Python
+        mod = prebound._cxx_module()
+        self.keyer: Any = getattr(mod, "triton_key", None) or _python_key
 
 
 def make(normalized_shape: Sequence[int] | None, eps: float | None, eps_mode: str, p: float,
@@ -86,16 +90,26 @@ def _tensor_key(t: Tensor | None) -> tuple | None:
     return t.__class__, t.dtype, t.shape, t.stride(), t.device, t.data_ptr() & 15, t.requires_grad, t.is_neg()
 
 
-def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
-         residual: Tensor | None) -> Tensor | None:
-    """y, or None for anything this entry does not serve (the caller then takes the general route)."""
-    if (residual is not None or x.__class__ is not Tensor or _tracing() is not None or _transforms()
-            or _forward_ad._current_level >= 0 or _dispatch_modes() or x.is_neg()):
+def _python_key(x: Tensor, weight: Tensor | None, bias: Tensor | None) -> tuple | None:
+    """The key of a call (its first field: whether it records a backward), or None for a call the entry does
+    not serve (a subclass, tracing, a transform, a dispatch mode, a negative view)."""
+    if x.__class__ is not Tensor or _tracing() is not None or _transforms() or _dispatch_modes() or x.is_neg():
         return None
     needs = _is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)
                                     or (bias is not None and bias.requires_grad))
-    key = (x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15, needs, needs and x.is_inference(),
-           _tensor_key(weight), _tensor_key(bias))
+    return (needs, needs and x.is_inference(), x.shape, x.stride(), x.dtype, x.device, x.data_ptr() & 15,
+            _tensor_key(weight), _tensor_key(bias))
+
+
+def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
+         residual: Tensor | None) -> Tensor | None:
+    """y, or None for anything this entry does not serve (the caller then takes the general route)."""
+    if residual is not None or _forward_ad._current_level >= 0:
+        return None
+    key = plan.keyer(x, weight, bias)
+    if key is None:
+        return None
+    needs = bool(key[0])
     if plan.generation != _GENERATION[0]:
         plan.table.clear()
         plan.generation = _GENERATION[0]
