@@ -303,3 +303,19 @@ def test_evaluation_feeds_the_model_on_its_own_device(task, tmp_path, monkeypatc
         monkeypatch.setattr(model, "forward", on_meta(real))
     t.evaluate(model)
     assert seen and set(seen) == {"meta"}
+
+
+def test_committed_reproduction_verdicts_and_prose_agree():
+    """docs/reproduction: the verdicts recompute from its results.json alone, and the prose of its README and
+    report.md states each claim's overall verdict and counts as computed."""
+    from rmsnorm.reproduce.report import analyse
+
+    docs = ROOT / "docs" / "reproduction"
+    res = json.loads((docs / "results.json").read_text())
+    again = json.loads(json.dumps(analyse(res["raw"])))
+    assert again["verdicts"] == res["verdicts"]
+    prose = (docs / "README.md").read_text().replace("\n  ", " ").replace("\n", " ")
+    report = (docs / "report.md").read_text()
+    for claim, v in res["verdicts"].items():
+        assert f"**{claim}," in prose and f"{v['overall']} — {v['counts']}.**" in prose.split(f"**{claim},")[1], claim
+        assert f"**{v['overall']}** ({v['counts']})" in report
