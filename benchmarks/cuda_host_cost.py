@@ -165,8 +165,10 @@ def check_cxx_launches() -> int:
     import torch
 
     import rmsnorm
+    from rmsnorm.backends.cpu import build
     from rmsnorm.backends.triton import prebound
 
+    build.module()  # the C++ library the launches come from (compiled here if this machine has none yet)
     _stand_in()
     stub = ctypes.CDLL("libcuda.so.1")
     made_by = prebound.cxx_launch
