@@ -23,8 +23,8 @@ call never compiles it). Its parameters are packed here as Triton's launcher pac
 (the specialized signature's non-constexpr arguments in order, then the global and profile scratch
 pointers, both null); only Triton versions whose launcher does exactly that are served
 (``CXX_TRITON_VERSIONS``: read in their sources, and checked byte for byte against Triton's own launch on
-a stand-in libcuda by tests/test_triton_cxx_launch.py), and only kernels without scratch memory,
-clusters, cooperative or programmatic launches.
+a stand-in libcuda by ``benchmarks/cuda_host_cost.py --check``, which a test runs), and only kernels
+without scratch memory, clusters, cooperative or programmatic launches, or oversized shared memory.
 """
 
 from __future__ import annotations
