@@ -85,15 +85,33 @@ def test_functional_calls_take_the_entry():
     assert any(v is not None for v in functional._ENTRIES[key][1].table.values())
 
 
+@pytest.fixture(params=["cxx", "python"])
+def keyer(request, monkeypatch):
+    """The entry's key computed in C++ (kernel.cpp's triton_key, where the library is built) or in Python
+    (entry._python_key, where it is not): both must serve and decline the same calls."""
+    from rmsnorm.backends.cpu import build
+    from rmsnorm.backends.triton import entry, prebound
+
+    if request.param == "cxx":
+        build.module()
+        monkeypatch.setattr(prebound, "_cxx_state", [])
+        want = build.module().triton_key
+    else:
+        monkeypatch.setattr(prebound, "_cxx_state", [None])
+        want = entry._python_key
+    return want
+
+
 def _declined(m, x) -> bool:
     fast = m.__dict__["_entry"]
     return fast[0](fast[1], x, m.weight, m.bias, None) is None
 
 
-def test_unusual_calls_go_back_to_the_general_route():
+def test_unusual_calls_go_back_to_the_general_route(keyer):
     m, g = _pair(32, torch.float32, eps=1e-6)
     x = torch.randn(6, 32, device=DEVICE)
     m(x)
+    assert m.__dict__["_entry"][1].keyer is keyer
     assert not _declined(m, x)
     wide = torch.randn(32, 6, device=DEVICE).t()  # rows with a non-unit column stride
     neg = torch._neg_view(x.clone())
@@ -117,11 +135,12 @@ def test_unusual_calls_go_back_to_the_general_route():
     assert torch.equal(out[1], g(x))
 
 
-def test_key_follows_parameters_changed_in_place_of_the_module():
+def test_key_follows_parameters_changed_in_place_of_the_module(keyer):
     m, g = _pair(16, torch.float32, eps=1e-6)
     x = torch.randn(5, 16, device=DEVICE)
     m(x)
     m(x)
+    assert m.__dict__["_entry"][1].keyer is keyer
     for new in (m.weight.data.half(), m.weight.data[:8].clone(), torch.randn(32, device=DEVICE)[1:17]):
         m.weight.data = new  # .data keeps the Parameter: the entry must see the new dtype / shape / alignment
         g.weight.data = new.clone()
