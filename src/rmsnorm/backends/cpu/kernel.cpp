@@ -1140,15 +1140,19 @@ int64_t partial_size(int64_t n, double p, bool floor) {
 bool is_io_dtype(at::ScalarType t) { return t == at::kFloat || t == at::kBFloat16 || t == at::kHalf; }
 bool is_half(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
-// A tensor this entry reads with its data pointer: a plain strided CPU tensor that no transform, mode
-// or subclass wraps (those keep their own semantics on the Python path).
-bool plain_cpu(const at::Tensor& t) {
+// A tensor an entry reads with its data pointer: a plain strided tensor that no transform, mode or
+// subclass wraps (those keep their own semantics on the Python path).
+bool plain_any(const at::Tensor& t) {
   static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
       c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
       c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor,
       c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode});
-  const auto ks = t.key_set();
-  return t.layout() == at::kStrided && t.device().is_cpu() && !ks.has_any(kOther) && is_io_dtype(t.scalar_type());
+  return t.layout() == at::kStrided && !t.key_set().has_any(kOther);
+}
+
+// ... of the CPU entry: also on the CPU, in a dtype the kernels read.
+bool plain_cpu(const at::Tensor& t) {
+  return plain_any(t) && t.device().is_cpu() && is_io_dtype(t.scalar_type());
 }
 
 // A parameter argument: None, or a (possibly nn.Parameter) tensor; false if it is anything else.
@@ -1343,18 +1347,22 @@ py::object wrap_tensor(at::Tensor t) {
   return py::reinterpret_steal<py::object>(THPVariable_Wrap(std::move(t)));
 }
 
-// The row kernels' forward: y (and rstd with ``keep``), or None when the launch cannot go here now.
-// Sources of the kernel's pointers: x, weight (x if absent), bias (x if absent), y, rstd (y if absent).
-py::object triton_forward(const TritonLaunch& l, py::handle xo, py::handle wo, py::handle bo,
-                          at::ScalarType out_dtype, bool keep) {
-  if (!l.ready()) return py::none();
-  const at::Tensor& x = THPVariable_Unpack(xo.ptr());
-  const at::Tensor* w = tensor_arg(wo);
-  const at::Tensor* b = tensor_arg(bo);
+// The row kernels' forward launch: (y, rstd with ``keep``, else undefined). Sources of the kernel's
+// pointers: x, weight (x if absent), bias (x if absent), y, rstd (y if absent).
+std::pair<at::Tensor, at::Tensor> forward_launch(const TritonLaunch& l, const at::Tensor& x, const at::Tensor* w,
+                                                 const at::Tensor* b, at::ScalarType out_dtype, bool keep) {
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
   at::Tensor rstd;
   if (keep) rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
   l.run({&x, w ? w : &x, b ? b : &x, &y, keep ? &rstd : &y});
+  return {y, rstd};
+}
+
+// The same as a call from Python: y, (y, rstd) with ``keep``, or None when the launch cannot go here now.
+py::object triton_forward(const TritonLaunch& l, py::handle xo, py::handle wo, py::handle bo,
+                          at::ScalarType out_dtype, bool keep) {
+  if (!l.ready()) return py::none();
+  auto [y, rstd] = forward_launch(l, THPVariable_Unpack(xo.ptr()), tensor_arg(wo), tensor_arg(bo), out_dtype, keep);
   if (!keep) return wrap_tensor(std::move(y));
   return py::make_tuple(wrap_tensor(std::move(y)), wrap_tensor(std::move(rstd)));
 }
@@ -1411,7 +1419,7 @@ py::object triton_backward(const TritonLaunch& l, const TritonLaunch* sum_w, con
 struct TritonRows : torch::CustomClassHolder {
   int64_t id = 0;  // the Python side's handle for its Rows (the slow backward looks it up)
   Spec spec;
-  at::ScalarType x_dtype = at::kFloat, dw_dtype = at::kFloat, bias_dtype = at::ScalarType::Undefined;
+  at::ScalarType x_dtype = at::kFloat, dw_dtype = at::kFloat;
   int64_t programs = 1;
   bool zero_partials = false;
   std::optional<TritonLaunch> fwd;
@@ -1436,22 +1444,16 @@ void set_triton_slow_backward(py::object f) {
 
 // dy as the kernels read it: a plain, contiguous tensor of y's dtype and shape.
 bool plain_like(const at::Tensor& dy, const at::Tensor& x, at::ScalarType dtype) {
-  static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
-      c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor});
-  return dy.defined() && dy.layout() == at::kStrided && !dy.key_set().has_any(kOther) &&
-         dy.scalar_type() == dtype && dy.sizes() == x.sizes() && dy.is_contiguous() && dy.device() == x.device();
+  return dy.defined() && plain_any(dy) && dy.scalar_type() == dtype && dy.sizes() == x.sizes() &&
+         dy.is_contiguous() && dy.device() == x.device();
 }
 
 struct TritonRowsFunction : public torch::autograd::Function<TritonRowsFunction> {
   static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
                             const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                             const c10::intrusive_ptr<TritonRows>& rows) {
-    const at::Tensor* w = weight ? &*weight : nullptr;
-    const at::Tensor* b = bias ? &*bias : nullptr;
-    at::Tensor y = at::empty(x.sizes(), x.options().dtype(rows->spec.out_dtype));
-    at::Tensor rstd = at::empty(x.sizes().slice(0, x.dim() - 1), x.options().dtype(at::kFloat));
-    rows->fwd->run({&x, w ? w : &x, b ? b : &x, &y, &rstd});
+    auto [y, rstd] = forward_launch(*rows->fwd, x, weight ? &*weight : nullptr, bias ? &*bias : nullptr,
+                                    rows->spec.out_dtype, /*keep=*/true);
     ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()), rstd});
     ctx->saved_data["rows"] = c10::IValue::make_capsule(rows);
     return y;
@@ -1499,19 +1501,6 @@ struct TritonRowsFunction : public torch::autograd::Function<TritonRowsFunction>
   }
 };
 
-// The GPU entry's key for a call on (x, weight, bias): everything its launch depends on, exactly, as bytes
-// (shape, strides, dtype, device, 16-byte alignment, requires_grad and class of each tensor; whether the
-// call records a backward, first; and x.is_inference() for such calls), or None for a call the entry does
-// not serve (a subclass, a transform, tracing, a dispatch mode, a negative view: the caller's general route).
-// Python checks forward-mode AD levels and the residual.
-bool plain_any(const at::Tensor& t) {
-  static const auto kOther = c10::DispatchKeySet({c10::DispatchKey::Python, c10::DispatchKey::PythonTLSSnapshot,
-      c10::DispatchKey::FuncTorchBatched, c10::DispatchKey::FuncTorchGradWrapper, c10::DispatchKey::Functionalize,
-      c10::DispatchKey::Negative, c10::DispatchKey::Conjugate, c10::DispatchKey::ZeroTensor,
-      c10::DispatchKey::FuncTorchDynamicLayerFrontMode, c10::DispatchKey::FuncTorchDynamicLayerBackMode});
-  return t.layout() == at::kStrided && !t.key_set().has_any(kOther);
-}
-
 PyTypeObject* parameter_type() {
   static PyTypeObject* type = [] {
     py::gil_scoped_acquire gil;
@@ -1534,6 +1523,11 @@ void key_tensor(std::string& k, const at::Tensor& t, char kind) {
   k.append(reinterpret_cast<const char*>(t.strides().data()), dim * sizeof(int64_t));
 }
 
+// The GPU entry's key for a call on (x, weight, bias): everything its launch depends on, exactly, as bytes
+// (shape, strides, dtype, device, 16-byte alignment, requires_grad and class of each tensor; whether the
+// call records a backward, first; and x.is_inference() for such calls), or None for a call the entry does
+// not serve (a subclass, a transform, tracing, a dispatch mode, a negative view: the caller's general route).
+// Python checks forward-mode AD levels and the residual.
 py::object triton_key(py::handle xo, py::handle wo, py::handle bo) {
   if (!THPVariable_CheckExact(xo.ptr())) return py::none();
   const at::Tensor& x = THPVariable_Unpack(xo.ptr());
@@ -1689,8 +1683,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            })
       .def("set_sum", [](TritonRows& r, at::ScalarType dtype, const TritonLaunch& l) {
              r.sums[static_cast<int64_t>(dtype)] = l;
-           })
-      .def_property_readonly("backwards", [](const TritonRows& r) { return r.bwd.size(); });
+           });
   m.def("triton_key", &triton_key, "the GPU entry's key of a call (bytes; the first: whether it records a backward), "
         "or None");
   m.def("triton_apply", &triton_apply, "the GPU entry's grad-mode call with its C++ autograd node: y, or None");
