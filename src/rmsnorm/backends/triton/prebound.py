@@ -83,7 +83,7 @@ class Bound:
 
     def __call__(self, *args: Any) -> None:
         compiled = self.compiled
-        if compiled is not None and _enabled[0] and not _hooked((_triton or _import_triton())[0].runtime):
+        if compiled is not None and direct():
             g = self.grid
             try:
                 compiled.run(g[0], g[1], g[2], self.stream(self.index), compiled.function, compiled.packed_metadata,
@@ -181,9 +181,7 @@ def cxx_launch(bound: Bound, args: Sequence[Any], sources: Sequence[torch.Tensor
     signature = src.signature
     if len(values) != len(names):
         return None
-    packed = bytearray()
-    offsets: list[int] = []
-    sizes: list[int] = []
+    items: list[bytes] = []  # the parameters in order
     slots: list[tuple[int, int]] = []
     for name, value in zip(names, values):
         ty = signature.get(name)
@@ -193,24 +191,23 @@ def cxx_launch(bound: Bound, args: Sequence[Any], sources: Sequence[torch.Tensor
             source = next((i for i, t in enumerate(sources) if t is value), None)
             if source is None:
                 return None
-            slots.append((len(offsets), source))
-            item = bytes(8)
+            slots.append((len(items), source))
+            items.append(bytes(8))
         elif ty in _SCALARS and isinstance(value, (int, float)):
             try:
-                item = struct.pack(_SCALARS[ty], value)
+                items.append(struct.pack(_SCALARS[ty], value))
             except struct.error:
                 return None
         else:
             return None
+    items += [bytes(8), bytes(8)]  # the global and the profile scratch pointers: none
+    packed = bytearray()
+    offsets: list[int] = []
+    for item in items:
         packed += bytes(-len(packed) % len(item))  # natural alignment
         offsets.append(len(packed))
-        sizes.append(len(item))
         packed += item
-    for _ in range(2):  # the global and the profile scratch pointers: none
-        packed += bytes(-len(packed) % 8)
-        offsets.append(len(packed))
-        sizes.append(8)
-        packed += bytes(8)
+    sizes = [len(item) for item in items]
     device = -1 if bound.device_type != "cuda" else (bound.index or 0)
     try:
         return mod.TritonLaunch(int(compiled.function), bound.grid, 32 * int(meta.num_warps), int(meta.shared),
