@@ -121,14 +121,13 @@ def call(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None,
         rows = plan.table[key] = _plan_rows(plan, x, weight, bias, needs)
     if rows is None:
         return None
-    cxx = prebound.direct()
     if needs:
-        if rows.grad_node is not None and cxx:  # the C++ autograd node, once a backward has been bound
+        if rows.grad_node is not None and prebound.direct():  # the C++ autograd node, once a backward is bound
             y = rows.grad_node[0](rows.grad_node[1], x, weight, bias)
             if y is not None:
                 return y
         return EntryFunction.apply(x, weight, bias, rows)
-    return rows.forward(x, weight, bias, False, cxx)[0]
+    return rows.forward(x, weight, bias, False, prebound.direct())[0]
 
 
 def _plan_rows(plan: Plan, x: Tensor, weight: Tensor | None, bias: Tensor | None, grad: bool) -> Rows | None:
@@ -349,21 +348,28 @@ def _register_slow_backward(mod: Any) -> None:
 def _slow_backward(handle: int, spec_fields: tuple, x_dtype: torch.dtype, dy: Tensor | None, x: Tensor,
                    weight: Tensor | None, bias: Tensor | None, rstd: Tensor, needs: tuple[bool, bool, bool]
                    ) -> tuple:
-    """The C++ autograd node's backward for what it does not serve itself: the entry's Python backward
-    (which binds the launches the node then uses), else the general backward (create_graph, unusual dy)."""
+    """The C++ autograd node's backward for what it does not serve itself (see :func:`_input_grads`)."""
     rows = _ROWS.get(handle)
+    return _input_grads(rows, Spec(*spec_fields), x_dtype, rows.backend if rows is not None else registry.get("triton"),
+                        dy, x, weight, bias, rstd, needs)
+
+
+def _input_grads(rows: Rows | None, spec: Spec, x_dtype: torch.dtype, backend: registry.Backend, dy: Tensor | None,
+                 x: Tensor, weight: Tensor | None, bias: Tensor | None, rstd: Tensor,
+                 needs: tuple[bool, bool, bool]) -> tuple:
+    """(dx, dw, db) of an entry's call: the row kernels of ``rows`` (binding them on first use) when dy is as y
+    is and grad mode is off, else the general backward (create_graph, unusual dy, rows no longer kept)."""
     if rows is not None and dy is not None and not torch.is_grad_enabled():
         out = rows.backward(dy, x, weight, rstd, needs[0], weight is not None and needs[1],
                             bias is not None and needs[2])
         if out is not None:
             dx, dw, db = out
             return dx, dw, (None if db is None or bias is None else db.to(bias.dtype))
-    from ...ops import _backward_direct, _input_grads
+    from ... import ops
 
-    ctx = SimpleNamespace(saved_tensors=(x, weight, bias, rstd), needs_input_grad=(*needs, False),
-                          spec=Spec(*spec_fields), x_dtype=x_dtype,
-                          backend=rows.backend if rows is not None else registry.get("triton"))
-    dx, dw, db, _ = _input_grads(ctx, dy, None, _backward_direct)
+    ctx = SimpleNamespace(saved_tensors=(x, weight, bias, rstd), needs_input_grad=(*needs, False), spec=spec,
+                          x_dtype=x_dtype, backend=backend)
+    dx, dw, db, _ = ops._input_grads(ctx, dy, None, ops._backward_direct)
     return dx, dw, db
 
 
@@ -384,14 +390,5 @@ class EntryFunction(torch.autograd.Function):
         rows: Rows = ctx.rows
         x, weight, bias, rstd = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if dy is not None and not torch.is_grad_enabled():
-            out = rows.backward(dy, x, weight, rstd, needs[0], weight is not None and needs[1],
-                                bias is not None and needs[2])
-            if out is not None:
-                dx, dw, db = out
-                return dx, dw, (None if db is None or bias is None else db.to(bias.dtype)), None
-        from ...ops import _backward_direct, _input_grads
-
-        ctx.spec, ctx.x_dtype, ctx.backend = rows.spec, rows.x_dtype, rows.backend
-        dx, dw, db, _ = _input_grads(ctx, dy, None, _backward_direct)
-        return dx, dw, db, None
+        return (*_input_grads(rows, rows.spec, rows.x_dtype, rows.backend, dy, x, weight, bias, rstd,
+                              (needs[0], needs[1], needs[2])), None)
