@@ -210,6 +210,25 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _write_many(args):
+    from rmsnorm.reproduce.atomic import atomic_text
+
+    path, i = args
+    for _ in range(100):
+        atomic_text(Path(path), str(i) * 4096)
+
+
+def test_processes_writing_one_file_at_once_each_replace_it_whole(tmp_path):
+    import multiprocessing
+
+    target = tmp_path / "shared.json"
+    with multiprocessing.get_context("spawn").Pool(3) as pool:
+        pool.map(_write_many, [(str(target), i) for i in range(3)])
+    text = target.read_text()
+    assert text in {str(i) * 4096 for i in range(3)}
+    assert [p.name for p in tmp_path.iterdir()] == ["shared.json"]
+
+
 @pytest.mark.slow
 def test_ddp_two_gloo_processes(tmp_path):
     env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1"}

@@ -1,12 +1,15 @@
 """Writes that never leave a half-written file behind: write beside the target, then os.replace it.
 
-An interrupted run therefore finds every result, checkpoint, table and report either whole or absent.
+An interrupted run therefore finds every result, checkpoint, table and report either whole or absent. The
+temporary name is unique to the writing process, so processes writing the same file at once (the ranks of a
+distributed run building the same tokenizer) each replace it whole and never take each other's half-written file.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,9 +17,12 @@ from pathlib import Path
 def atomic_file(path: Path, write: Callable[[Path], object]) -> None:
     """``write(tmp)`` writes the whole file at a temporary path beside ``path``, which then replaces it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_text(path: Path, text: str) -> None:
