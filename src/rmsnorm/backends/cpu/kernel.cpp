@@ -833,11 +833,26 @@ at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
   return out;
 }
 
+// The (blocks, N) fp32 partials of a parameter's gradient, or undefined when it is not asked for; one block's
+// are allocated as (N). Not zeroed here: each block zeroes its own row (zero_partial_row) inside its worker,
+// which spares a fill op per call and touches the row on the thread that sums into it.
+at::Tensor partials(bool need, int64_t blocks, int64_t N, const at::TensorOptions& f32) {
+  if (!need) return at::Tensor();
+  return blocks == 1 ? at::empty({N}, f32) : at::empty({blocks, N}, f32);
+}
+
+inline float* zero_partial_row(float* part, int64_t blk, int64_t N) {
+  if (part == nullptr) return nullptr;
+  float* row = part + blk * N;
+  std::fill(row, row + N, 0.f);
+  return row;
+}
+
 // A parameter's gradient from the (blocks, N) fp32 partials (undefined when none were asked for), in the
 // parameter's dtype and shape.
 at::Tensor finish_partials(const at::Tensor& part, const std::optional<at::Tensor>& like, int64_t N) {
   if (!part.defined()) return at::Tensor();
-  at::Tensor sum = part.size(0) == 1 ? part.view({N}) : reduce_blocks(part, N);
+  at::Tensor sum = part.dim() == 1 ? part : reduce_blocks(part, N);
   if (sum.scalar_type() != like->scalar_type()) sum = sum.to(like->scalar_type());
   return like->dim() == 1 ? sum : sum.view(like->sizes());
 }
@@ -858,8 +873,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto dx = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   auto f32 = h.options().dtype(at::kFloat);
-  at::Tensor pw = need_dw ? at::zeros({blocks, N}, f32) : at::Tensor();
-  at::Tensor pb = need_db ? at::zeros({blocks, N}, f32) : at::Tensor();
+  at::Tensor pw = partials(need_dw, blocks, N, f32);
+  at::Tensor pb = partials(need_db, blocks, N, f32);
   if (M > 0) {
     const Rows h2 = rows(h, M, N, "h"), dy2 = rows(dy, M, N, "dy");
     Rows dh2;
@@ -883,8 +898,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
       dispatch(dy.scalar_type(), "dy", [&](auto tov) {
         using TO = decltype(tov);
         for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
-          float* dwb = a.dw ? a.dw + blk * N : nullptr;
-          float* dbb = a.db ? a.db + blk * N : nullptr;
+          float* dwb = zero_partial_row(a.dw, blk, N);
+          float* dbb = zero_partial_row(a.db, blk, N);
           if (r0 >= r1) return;
           Bwd b = a;
           if (cascade) {
@@ -900,6 +915,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         });
       });
     });
+  } else {
+    for (at::Tensor* part : {&pw, &pb}) {
+      if (part->defined()) part->zero_();  // no rows: zero gradients
+    }
   }
   return {dx, finish_partials(pw, weight, N), finish_partials(pb, bias, N)};
 }
@@ -992,8 +1011,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
   auto dz = z ? at::empty(x.sizes(), opts.dtype(z->scalar_type())) : at::Tensor();
   blocks = std::max<int64_t>(1, std::min(blocks, std::max<int64_t>(M, 1)));
   auto f32 = opts.dtype(at::kFloat);
-  at::Tensor pw = need_dw ? at::zeros({blocks, n_full}, f32) : at::Tensor();
-  at::Tensor pb = need_db ? at::zeros({blocks, n_full}, f32) : at::Tensor();
+  at::Tensor pw = partials(need_dw, blocks, n_full, f32);
+  at::Tensor pb = partials(need_db, blocks, n_full, f32);
   if (M > 0 && N > 0) {
     ParamBuffers& bufs = param_buffers();
     const float* g = param_row(weight, n_full, spec.offset, true, bufs.gain);
@@ -1009,14 +1028,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
       dispatch(dy.scalar_type(), "dy", [&](auto tov) {
         using TO = decltype(tov);
         for_blocks(M, blocks, [&](int64_t blk, int64_t r0, int64_t r1) {
-          float* dwb = a.dw ? a.dw + blk * n_full : nullptr;
-          float* dbb = a.db ? a.db + blk * n_full : nullptr;
+          float* dwb = zero_partial_row(a.dw, blk, n_full);
+          float* dbb = zero_partial_row(a.db, blk, n_full);
           if (r0 >= r1) return;
           if (N >= Cascade::kMinElements) backward_rows<TH, TO, false, true, true>(a, r0, r1, dwb, dbb);
           else backward_rows<TH, TO, false, false, true>(a, r0, r1, dwb, dbb);
         });
       });
     });
+  } else {
+    for (at::Tensor* part : {&pw, &pb}) {
+      if (part->defined()) part->zero_();  // no rows: zero gradients
+    }
   }
   return {dx, dz, finish_partials(pw, weight, n_full), finish_partials(pb, bias, n_full)};
 }
