@@ -46,7 +46,8 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "embed_dim": 64, "projection_dim": 64, "num_decoder_layers": 2, "decoder_layers": 2, "encoder_layers": 2,
          "sliding_window": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
          "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
-         "mamba_d_state": 16, "ssm_state_size": 16, "n_groups": 1, "num_global_layers": 1}
+         "mamba_d_state": 16, "ssm_state_size": 16, "n_groups": 1, "num_global_layers": 1,
+         "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8}
 MAX_PARAMS = 80_000_000  # (a few configs keep large vision or audio towers)
 
 
@@ -85,6 +86,10 @@ def shrink(cfg) -> None:
     v = vars(cfg)
     if isinstance(v.get("qk_rope_head_dim"), int) and "head_dim" in v:  # multi-head latent attention
         cfg.head_dim = cfg.qk_rope_head_dim
+    if isinstance(v.get("kv_lora_rank"), int) and isinstance(v.get("num_attention_heads"), int):
+        cfg.num_key_value_heads = cfg.num_attention_heads  # latent attention: one key/value head per head
+    if all(isinstance(v.get(k), int) for k in ("qk_head_dim", "qk_rope_head_dim", "qk_nope_head_dim")):
+        cfg.qk_head_dim = cfg.qk_rope_head_dim + cfg.qk_nope_head_dim
     for heads, dim in (("mamba_n_heads", "mamba_d_head"), ("mamba_num_heads", "mamba_head_dim")):
         if isinstance(v.get(heads), int) and isinstance(v.get(dim), int):  # heads x head dim = expand x hidden
             setattr(cfg, dim, int(v.get("mamba_expand", 2)) * SMALL["hidden_size"] // getattr(cfg, heads))

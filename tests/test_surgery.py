@@ -464,3 +464,94 @@ def test_post_ln_opt_is_refused_before_any_change():
     with pytest.raises(ExactConversionError, match="post-LN"):
         rmsnorm.convert(model, exact=True)
     _same(model, snap)
+
+
+class _LlamaWrittenOtherwiseRMSNorm(nn.Module):
+    """Llama's numerics in source no family has: found by probing."""
+
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(n))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype, h = x.dtype, x.float()
+        h = h * (h * h).mean(dim=-1, keepdim=True).add(self.eps).rsqrt()
+        return self.weight * h.to(dtype)
+
+
+class _EpsOutsideRMSNorm(_LlamaWrittenOtherwiseRMSNorm):
+    def forward(self, x):
+        h = x.float()
+        return self.weight * (h / (h.pow(2).mean(-1, keepdim=True).sqrt() + self.eps)).to(x.dtype)
+
+
+class _GainlessRMSNorm(nn.Module):
+    def __init__(self, eps=1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class _RoundedRstdRMSNorm(_GainlessRMSNorm):  # rstd rounded to x's dtype: no family computes that
+    def forward(self, x):
+        return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unknown_sources_are_recognised_by_probing_their_forward(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(_LlamaWrittenOtherwiseRMSNorm(32), nn.Linear(32, 32), _EpsOutsideRMSNorm(32),
+                          _GainlessRMSNorm(), _RoundedRstdRMSNorm(), _LlamaWrittenOtherwiseRMSNorm(32, eps=1e-3))
+    with torch.no_grad():
+        for m in (model[0], model[2], model[5]):
+            m.weight.normal_()
+    model = model.to(dtype)
+    fired = []
+    model[0].register_forward_hook(lambda *a: fired.append(1))
+    x = torch.randn(4, 7, 32, dtype=dtype)
+    ref = model(x)
+    fired.clear()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    report = rmsnorm.accelerate(model)
+    assert not fired, "probing must not call the module itself (its hooks fired)"
+    assert [n for n, _ in report.changed] == ["0", "3", "5"]
+    assert all("probing" in why for _, why in report.changed)
+    assert {n: "no family's numerics match" in why for n, why in report.skipped} == {"2": True, "4": True}
+    assert isinstance(model[0], rmsnorm.RMSNorm) and model[5].eps == 1e-3
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    from rmsnorm.backends import registry
+
+    before = registry.default()
+    registry.set_default("reference")
+    try:
+        assert torch.equal(model(x), ref)
+    finally:
+        registry.set_default(before)
+    out = model(x)
+    tol = DTYPE_TOL[dtype]
+    assert out.dtype == ref.dtype and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
+    assert fired  # the hook moved with the module
+
+
+def test_probing_refuses_modules_it_cannot_run():
+    class NeedsGateRMSNorm(_LlamaWrittenOtherwiseRMSNorm):
+        def forward(self, x, gate):
+            return super().forward(x) * gate
+
+    class NoEpsRMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return self.weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+    model = nn.Sequential(NeedsGateRMSNorm(8), NoEpsRMSNorm())
+    report = rmsnorm.accelerate(model)
+    assert not report.changed
+    why = dict(report.skipped)
+    assert "raised TypeError" in why["0"] and "stores no eps" in why["1"]

@@ -3,8 +3,11 @@
 Families are recognised by what their ``forward`` computes, not only by name: the source of a module's
 ``forward`` (and ``_norm``) with its class name, docstrings and comments removed is compared with the
 known families of Hugging Face transformers. That covers the 180 or so RMSNorm classes there that are
-copies of a few implementations (LlamaRMSNorm is repeated in about 140 models). Instances are replaced
-and share the original parameters; no class is patched.
+copies of a few implementations (LlamaRMSNorm is repeated in about 140 models). A module named like an
+RMSNorm whose source is not a known family's is probed (``probe_family``): a copy of it is run on inputs in
+fp32, bf16 and fp16 with random gains, and the first family whose replacement returns the same bits in the
+same dtype on the reference backend is taken; otherwise the module is left and the report says why.
+Instances are replaced and share the original parameters; no class is patched.
 
 Presets (families, examples; numerics):
 
@@ -260,14 +263,15 @@ class LastDimRMSNorm(nn.Module):
     """Gainless RMSNorm over the last dimension of whatever it is given (shape fixed by no parameter):
     fp32 statistics, the result rounded to the input's dtype (Llama 4's L2 norm)."""
 
-    def __init__(self, eps: float) -> None:
+    def __init__(self, eps: float, backend: str | None = None) -> None:
         super().__init__()
         self.eps = eps
+        self.backend = backend
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..functional import rms_norm
 
-        return rms_norm(x, eps=self.eps, cast="llama")
+        return rms_norm(x, eps=self.eps, cast="llama", backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
@@ -278,17 +282,18 @@ def _shape(weight: torch.Tensor) -> tuple[int, ...]:
     return tuple(getattr(weight, "ds_shape", None) or weight.shape)
 
 
-def replacement(module: nn.Module, family: str) -> nn.Module:
-    """An RMSNorm reproducing ``module`` (of a known family) and sharing its parameters."""
+def replacement(module: nn.Module, family: str, backend: str | None = None) -> nn.Module:
+    """An RMSNorm reproducing ``module`` (of a known family) and sharing its parameters (``backend``: the
+    replacement's backend, None for the automatic choice)."""
     weight = getattr(module, "weight", None)
     new: nn.Module
     if family == "torch":
         assert isinstance(module, nn.RMSNorm)
-        new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine)
+        new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, backend=backend)
     elif family == "l2norm":
         eps_l2 = module_eps(module)
         assert eps_l2 is not None  # the default is a float
-        new = LastDimRMSNorm(eps_l2)
+        new = LastDimRMSNorm(eps_l2, backend)
     else:
         if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
             raise ValueError(f"{type(module).__name__} has no weight parameter")
@@ -299,7 +304,7 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
         if family in FAMILY_NUMERICS:
             assert shape is not None
             cast, offset = FAMILY_NUMERICS[family]
-            new = RMSNorm(shape, eps, cast=cast, offset=offset)
+            new = RMSNorm(shape, eps, cast=cast, offset=offset, backend=backend)
         elif family in GATED:
             assert shape is not None
             mode, cast = GATED[family]
@@ -315,13 +320,13 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
                 group = shape[-1] // groups if groups > 1 else None
             elif mode == "before" and not isinstance(group, int):
                 raise ValueError(f"{type(module).__name__} has no int group_size")
-            new = GatedRMSNorm(shape, eps, cast=cast, gate_mode=mode, gate_act=act, group_size=group)
+            new = GatedRMSNorm(shape, eps, cast=cast, gate_mode=mode, gate_act=act, group_size=group, backend=backend)
         elif family == "gemma_grouped":  # gain 1 + w, optionally by groups of group_size
             assert shape is not None
             group = getattr(module, "group_size", None)
             if group is not None and (not isinstance(group, int) or group < 1 or shape[-1] % group):
                 raise ValueError(f"{type(module).__name__}'s group_size {group!r} does not divide {shape[-1]}")
-            new = RMSNorm(shape, eps, offset=1.0, group_size=group)
+            new = RMSNorm(shape, eps, offset=1.0, group_size=group, backend=backend)
         elif family == "gemma4":
             with_scale = bool(getattr(module, "with_scale", weight is not None))
             if shape is None:
@@ -330,17 +335,79 @@ def replacement(module: nn.Module, family: str) -> nn.Module:
                     shape = (dim,)
             if shape is None and not with_scale:  # no gain and no fixed shape: over the last dimension
                 assert eps is not None
-                new = LastDimRMSNorm(eps)
+                new = LastDimRMSNorm(eps, backend)
             elif shape is None:
                 raise ValueError(f"{type(module).__name__} has a gain but neither a weight nor an int dim")
             else:
-                new = RMSNorm(shape, eps, elementwise_affine=with_scale)
+                new = RMSNorm(shape, eps, elementwise_affine=with_scale, backend=backend)
         else:
             raise ValueError(f"unknown family {family!r}")
     if getattr(new, "weight", None) is not None:
         new.weight = weight  # type: ignore[assignment]  # a Parameter (checked above), shared
     new.train(module.training)
     return new
+
+
+# families a module of unknown source is checked against (gained; gainless), in order of preference
+PROBED: tuple[str, ...] = ("llama", "gemma", "olmo", "t5")
+PROBED_GAINLESS: tuple[str, ...] = ("l2norm",)
+_PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _probe_inputs(n: int, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    """Rows of several scales (1, 1e-3, 1e3, 0, about sqrt(eps)) over n elements, in ``dtype``."""
+    x = torch.randn(5, 3, n, generator=gen, dtype=torch.float64)
+    x = x * torch.tensor([1.0, 1e-3, 1e3, 0.0, 1e-4], dtype=torch.float64).view(5, 1, 1)
+    return x.to(dtype)
+
+
+def probe_family(module: nn.Module) -> tuple[str | None, str]:
+    """(family, how) of a module whose source is not a known family's, found by running a copy of it:
+    the first family in PROBED (PROBED_GAINLESS without a weight) whose replacement, on the reference
+    backend, returns the copy's output bit for bit and in the same dtype for every probe: inputs in fp32,
+    bf16 and fp16, rows of several scales including zero, random gains in fp32 and bf16. (None, why) when
+    none does. The module itself is not called (its hooks do not fire) and not changed."""
+    import copy
+
+    name = type(module).__name__
+    weight = getattr(module, "weight", None)
+    if module_eps(module, None) is None:
+        if any(True for _ in module.children()):
+            return None, f"{name}: wraps other modules (a norm among them is replaced on its own)"
+        return None, f"{name}: forward is not a known RMSNorm family and it stores no eps to check one against"
+    if weight is not None:
+        if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or weight.numel() == 0 \
+                or weight.device.type not in ("cpu", "cuda"):
+            return None, f"{name}: forward is not a known RMSNorm family (its weight cannot be probed)"
+        families, n = PROBED, weight.numel()
+    else:
+        families, n = PROBED_GAINLESS, 24
+    try:
+        clone = copy.deepcopy(module)
+    except Exception as exc:  # anything a user's module may raise while copied
+        return None, f"{name}: forward is not a known RMSNorm family and it cannot be copied to probe ({exc})"
+    gen = torch.Generator().manual_seed(0)
+    device = weight.device if weight is not None else torch.device("cpu")
+    left = list(families)
+    for x_dtype in _PROBE_DTYPES:
+        for w_dtype in ((torch.float32, torch.bfloat16) if weight is not None else (None,)):
+            x = _probe_inputs(n, x_dtype, gen).to(device)
+            if w_dtype is not None:
+                w = torch.randn(n, generator=gen, dtype=torch.float64).mul(0.5).to(device=device, dtype=w_dtype)
+                clone._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            try:
+                with torch.no_grad():
+                    expect = type(clone).forward(clone, x)
+                    outs = {f: replacement(clone, f, backend="reference")(x) for f in left}
+            except Exception as exc:  # a forward that needs more than one tensor, or refuses
+                return None, f"{name}: forward is not a known RMSNorm family (probing it raised {type(exc).__name__})"
+            if not isinstance(expect, torch.Tensor):
+                return None, f"{name}: forward is not a known RMSNorm family (it returns no tensor)"
+            left = [f for f in left if outs[f].dtype == expect.dtype and outs[f].shape == expect.shape
+                    and torch.equal(outs[f], expect)]
+            if not left:
+                return None, f"{name}: forward is not a known RMSNorm family (no family's numerics match it)"
+    return left[0], "recognised by probing its forward"
 
 
 def accelerate(model: nn.Module) -> SurgeryReport:
@@ -354,14 +421,23 @@ def accelerate(model: nn.Module) -> SurgeryReport:
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = SurgeryReport("accelerate RMSNorm modules")
     plan = []
+    probed: dict[tuple[type, bool], tuple[str | None, str]] = {}  # one probe per class (and gain or none)
     for name, module in list(model.named_modules()):
         if isinstance(module, (RMSNorm, LastDimRMSNorm)):
             continue
         family = family_of(type(module))  # type: ignore[arg-type]  # a class is hashable
+        how = ""
         if family is None:
-            if re.search(r"RMSNorm|T5LayerNorm|L2Norm", type(module).__name__):
-                report.skipped.append((name, f"{type(module).__name__}: forward is not a known RMSNorm family"))
-            continue
+            if not re.search(r"RMSNorm|T5LayerNorm|L2Norm", type(module).__name__):
+                continue
+            key = (type(module), getattr(module, "weight", None) is None)
+            if key not in probed:
+                probed[key] = probe_family(module)
+            family, how = probed[key]
+            if family is None:
+                report.skipped.append((name, how))
+                continue
+            how = f", {how}"
         try:
             new = replacement(module, family)
         except (ValueError, TypeError, AttributeError) as exc:
@@ -370,11 +446,12 @@ def accelerate(model: nn.Module) -> SurgeryReport:
         if name == "":
             raise ValueError(f"model surgery replaces submodules in place and cannot replace the model itself "
                              f"({type(model).__name__}); pass the model that contains the norm")
-        plan.append((name, module, new, family))
+        plan.append((name, module, new, family, how))
     with transaction(model):  # all replacements go in, or none
-        for name, module, new, family in plan:
+        for name, module, new, family, how in plan:
             hooks = move_hooks(module, new)
             set_submodule(model, name, new)
             moved = f", hooks moved: {', '.join(hooks)}" if hooks else ""
-            report.changed.append((name, f"{type(module).__name__} -> {type(new).__name__} ({family} numerics){moved}"))
+            report.changed.append((name, f"{type(module).__name__} -> {type(new).__name__} "
+                                         f"({family} numerics{how}){moved}"))
     return report
