@@ -23,4 +23,6 @@ python3 benchmarks/gpu_tune.py --out "$WORK/tune" --budget "$TUNE_BUDGET" --stal
 cp src/rmsnorm/backends/triton/tuned.json "$OUT/tuned.json" 2>/dev/null
 wait $BUILD
 python3 benchmarks/gpu_check.py --out "$WORK/check" --budget "$CHECK_BUDGET" 2>&1 | tee "$OUT/check-log.txt"
+# gated and grouped rows on the Triton kernels against the Hugging Face modules (short)
+timeout 60 python3 benchmarks/gated.py --device cuda 2>&1 | tee "$OUT/gated.txt"
 tar czf "$OUT/runs.tgz" -C "$WORK" .

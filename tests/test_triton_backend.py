@@ -181,3 +181,43 @@ def test_gated_rows_match_the_reference(mode, dtype, opts, poison):
     assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
     for a, c in zip(gs, gr, strict=True):
         assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * 6 ** 0.5
+
+
+@pytest.mark.parametrize("mode", ["before", "after", None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("group,m,n,opts", [(8, 5, 32, dict(cast="llama")), (5, 7, 15, dict(bias=True, offset=1.0)),
+                                            (16, 3, 96, dict(gate_act="sigmoid", eps_mode="outside")),
+                                            (6, 9, 36, dict(no_gain=True, bias=True))])
+def test_grouped_calls_match_the_reference(mode, dtype, group, m, n, opts, poison):
+    """Grouped calls (gated or not) on the Triton row kernels, each group a row with its part of the gain:
+    outputs and every gradient against the decomposition (bf16 within the interpreter's truncation)."""
+    opts = dict(opts)
+    bias, no_gain = opts.pop("bias", False), opts.pop("no_gain", False)
+    g = torch.Generator().manual_seed(group)
+    x, z = (torch.randn(m, n, generator=g) * 2).to(dtype), torch.randn(m, n, generator=g).to(dtype)
+    w = None if no_gain else torch.randn(n, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    res = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().to(DEVICE).requires_grad_(True) if t is not None else None
+                  for t in (x, w, b, z if mode else None)]
+        kw = dict(gate=leaves[3], gate_mode=mode) if mode else {}
+        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], backend=backend, eps=1e-5, group_size=group, **kw,
+                             **opts)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(DEVICE)
+        res[backend] = (y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+    assert type(res["triton"][0].grad_fn).__name__ == "GatedFunctionBackward"
+    eps = 1e-6 if dtype == torch.float32 else 3 * torch.finfo(dtype).eps
+    (y, gs), (yr, gr) = res["triton"], res["reference"]
+    assert y.dtype == yr.dtype
+    assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
+    for a, c in zip(gs, gr, strict=True):
+        assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * m ** 0.5
+
+
+def test_grouped_backward_blocks_take_one_group_of_each_position():
+    from rmsnorm.backends.triton.heuristics import BwdConfig, grouped_bwd_config
+
+    cfg = BwdConfig(8, 64, 4, True, 10, True)
+    assert [grouped_bwd_config(cfg, p).block_m for p in (1, 2, 3, 4, 6, 8, 16, 24)] == [1, 2, 1, 4, 2, 8, 8, 8]
+    assert not grouped_bwd_config(cfg, 4).acc_in_regs

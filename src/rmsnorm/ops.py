@@ -7,8 +7,8 @@ with the same kernels and results and hands everything else to :func:`run`.
 ============================================  =========================================================
 the call                                      route
 ============================================  =========================================================
-gates and groups (gated RMSNorm)               the gated kernels (cpu: CPU tensors; triton: whole rows that
-                                               fit its row kernel), else :mod:`rmsnorm.composite`
+gates and groups (gated RMSNorm)               the gated kernels (cpu: CPU tensors; triton: rows or groups
+                                               that fit its row kernel), else :mod:`rmsnorm.composite`
 jit tracing, ONNX export, torch.func           :mod:`rmsnorm.composite`
 transforms, forward-mode AD, rows of zero
 elements
@@ -165,9 +165,9 @@ class KernelFunction(torch.autograd.Function):
 
 def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor | None, spec: Spec,
            backend: str | None) -> Tensor:
-    """A gated or grouped call: the fused gated kernels where they serve it (cpu: CPU tensors; triton: whole
-    rows on the row kernels), else plain torch ops (:func:`rmsnorm.composite.gated`: torch.compile,
-    subclasses, transforms, the reference backend, grouped calls on CUDA)."""
+    """A gated or grouped call: the fused gated kernels where they serve it (cpu: CPU tensors; triton: rows
+    or groups that fit the row kernels), else plain torch ops (:func:`rmsnorm.composite.gated`:
+    torch.compile, subclasses, transforms, the reference backend, longer rows on CUDA)."""
     name = backend or registry.default()
     if name is not None:
         registry.get(name)  # an unknown name: the registry's error
@@ -189,7 +189,7 @@ def _gated(x: Tensor, weight: Tensor | None, bias: Tensor | None, gate: Tensor |
         from .backends import cpu
 
         return (cpu.gated_autograd if grad else cpu.gated_forward)(x, weight, bias, gate, spec)
-    if plain and gate is not None and (name == "triton" or (name is None and dev == "cuda")):
+    if plain and (gate is not None or spec.group) and (name == "triton" or (name is None and dev == "cuda")):
         be = registry.get("triton")
         if be.unavailable_reason() is None and be.unsupported_reason(x, None, spec) is None:
             from .backends import triton

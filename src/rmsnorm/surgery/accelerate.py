@@ -32,8 +32,7 @@ Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and record
   Nemotron-H, GraniteMoeHybrid (the norm of x * silu(z) by groups, cast="llama"); Qwen3-Next, Qwen3.5,
   OLMo hybrid (the norm, then times act(z), cast="llama"); Kimi Linear, Bailing hybrid, GLM-5 Next,
   LaraMini (the same in fp32); Falcon-H1 (groups from n_groups, before or after from norm_before_gate,
-  fp32). The fused gated kernels run them (cpu; triton for whole rows); grouped
-  gates on CUDA run as the originals' torch operations.
+  fp32). The fused gated kernels run them (cpu; triton for rows and groups that fit its row kernel).
 """
 
 from __future__ import annotations

@@ -44,13 +44,22 @@ def _row_backward(dy, dh, h, weight, rstd, spec, need_dw, need_db):
     return backward(dy, dh, h, weight, rstd, spec, need_dw, need_db)
 
 
+def _rows(x, gate, spec):
+    """(x, gate or None, spec, period) as the row kernels take a gated or grouped call: contiguous rows of
+    the group (or the whole row), the spec's k the row length, ``period`` groups to a row of the call."""
+    n = x.shape[-1]
+    g = spec.group or n
+    x2 = x.reshape(-1, g).contiguous()
+    z2 = gate.reshape(-1, g).contiguous() if gate is not None else None
+    return x2, z2, (spec._replace(k=g) if spec.group else spec), n // g
+
+
 def _gated_forward(x, weight, bias, gate, spec) -> tuple[torch.Tensor, torch.Tensor]:
     from .launch import forward
 
-    n = x.shape[-1]
-    x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
+    x2, z2, rspec, period = _rows(x, gate, spec)
     y = torch.empty(x.shape, dtype=spec.out_dtype, device=x.device)
-    _, _, rstd = forward(x2, weight, bias, None, spec, out=(y.view(-1, n), None), gate=z2)
+    _, _, rstd = forward(x2, weight, bias, None, rspec, out=(y.view(x2.shape), None), gate=z2, period=period)
     return y, rstd
 
 
@@ -71,25 +80,25 @@ class GatedFunction(torch.autograd.Function):
         from .launch import backward
 
         def kernel(dy, x, weight, bias, gate, rstd, need_dw, need_db):
-            n = x.shape[-1]
-            x2, z2 = x.reshape(-1, n).contiguous(), gate.reshape(-1, n).contiguous()
-            dz = torch.empty(z2.shape, dtype=gate.dtype, device=x.device)
-            dx, dw, db = backward(dy.reshape(-1, n).contiguous(), None, x2, weight, rstd, ctx.spec, need_dw,
-                                  need_db, gate=z2, bias=bias, dz=dz)
-            return (dx.view(x.shape), dz.view(gate.shape),
+            x2, z2, rspec, period = _rows(x, gate, ctx.spec)
+            dz = torch.empty(z2.shape, dtype=gate.dtype, device=x.device) if z2 is not None else None
+            dx, dw, db = backward(dy.reshape(x2.shape).contiguous(), None, x2, weight, rstd, rspec, need_dw,
+                                  need_db, gate=z2, bias=bias, dz=dz, period=period)
+            return (dx.view(x.shape), dz.view(gate.shape) if dz is not None else None,
                     dw.to(weight.dtype) if need_dw and dw is not None and weight is not None else None,
                     db.to(bias.dtype) if need_db and db is not None and bias is not None else None)
 
         return gated_backward(ctx, dy, kernel)
 
 
-def gated_call(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None, gate: torch.Tensor,
-               spec) -> torch.Tensor | None:
-    """A gated call on the row kernels, or None when its rows need another kernel (decompose it then)."""
+def gated_call(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+               gate: torch.Tensor | None, spec) -> torch.Tensor | None:
+    """A gated or grouped call on the row kernels (a group is a row of its own, with its part of the
+    gain), or None when its rows need another kernel (decompose it then)."""
     from .launch import gated_supported
 
-    n = x.shape[-1]
-    if spec.group or not gated_supported(x.numel() // n, n, x.element_size(), x.device):
+    g = spec.group or x.shape[-1]
+    if spec.normalized_ndim != 1 or not gated_supported(x.numel() // g, g, x.element_size(), x.device):
         return None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias, gate)):
         return GatedFunction.apply(x, weight, bias, gate, spec)

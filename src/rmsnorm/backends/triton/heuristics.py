@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import triton
@@ -155,6 +155,18 @@ def _bwd(m: int, n: int, sms: int, itemsize: int, limits: Limits, table: dict) -
     col_tiles = triton.cdiv(n, block_n)
     groups = max(1, min(m, (sms * limits.bwd_programs_per_sm * 2) // col_tiles))
     return BwdConfig(1, block_n, _warps(block_n), False, groups)
+
+
+def grouped_bwd_config(cfg: BwdConfig, period: int) -> BwdConfig:
+    """A row-kernel backward config for group rows, ``period`` groups to a row of the call: the gain and
+    dW/db partials are per group position, so they live in the partial rows (acc_in_regs False), and a
+    row block takes at most one group of each position (block_m: the largest power of two dividing
+    ``period``, at most the config's) so that its rows update distinct partial columns. Unmeasured on a
+    GPU: the same row kernel as whole rows, one partial read-modify-write per row block."""
+    block_m = 1
+    while block_m * 2 <= cfg.block_m and period % (block_m * 2) == 0:
+        block_m *= 2
+    return replace(cfg, block_m=block_m, num_warps=_warps(block_m * cfg.block_n), acc_in_regs=False)
 
 
 @functools.lru_cache(maxsize=4096)

@@ -52,6 +52,14 @@ def _finish_row(x, rstd, W, B, cols, cmask, offset, HAS_W: tl.constexpr, HAS_B: 
 
 
 @triton.jit
+def _param_cols(rows, cols, N, GROUP_PERIOD: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] (or [1, BLOCK_N]) offsets of the gain and bias for these rows' columns."""
+    if GROUP_PERIOD > 1:
+        return (rows % GROUP_PERIOD).to(tl.int64)[:, None] * N + cols[None, :]
+    return cols[None, :]
+
+
+@triton.jit
 def _act(z, ACT: tl.constexpr):
     """The gate's activation on fp32 z with torch's formulas: silu z / (1 + exp(-z)) (ACT 0), sigmoid (1)."""
     e = 1.0 + tl.exp(-z)
@@ -74,9 +82,12 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr,
               HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr,
               NORM_TY: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
-              GATE_ROUND_TY: tl.constexpr = tl.float32, STORE_RSTD: tl.constexpr = True):
+              GATE_ROUND_TY: tl.constexpr = tl.float32, STORE_RSTD: tl.constexpr = True,
+              GROUP_PERIOD: tl.constexpr = 1):
     """GATE (rows of N, contiguous Z): 1 normalizes x * act(z), 2 multiplies the output by act(z) after
-    rounding it through GATE_ROUND_TY. STORE_RSTD False: no backward will follow (RSTD is not written)."""
+    rounding it through GATE_ROUND_TY. STORE_RSTD False: no backward will follow (RSTD is not written).
+    GROUP_PERIOD > 1: the rows are groups of N elements, GROUP_PERIOD of them to a row of the call, and row r
+    takes the gain and bias at columns (r % GROUP_PERIOD) * N + cols."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -101,7 +112,8 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
     if STORE_RSTD:
         tl.store(RSTD + rows, rstd, mask=rmask)
-    y = _finish_row(hf, rstd[:, None], W, B, cols[None, :], cmask[None, :], offset, HAS_W, HAS_B, ROUND_TY)
+    y = _finish_row(hf, rstd[:, None], W, B, _param_cols(rows, cols, N, GROUP_PERIOD), cmask[None, :], offset,
+                    HAS_W, HAS_B, ROUND_TY)
     if GATE == 2:
         y = y.to(GATE_ROUND_TY).to(tl.float32) * a
     tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -169,12 +181,15 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
               NEED_DW: tl.constexpr, NEED_DB: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr,
               ROUND_TY: tl.constexpr, ACC_IN_REGS: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
-              GATE_ROUND_TY: tl.constexpr = tl.float32, HAS_B: tl.constexpr = False):
+              GATE_ROUND_TY: tl.constexpr = tl.float32, HAS_B: tl.constexpr = False,
+              GROUP_PERIOD: tl.constexpr = 1):
     """Persistent programs over row blocks. ACC_IN_REGS: the gain and the dW/db accumulators live in
     registers for the program's lifetime; else (wide rows) the gain is re-read per row block and the
     program's own partial row in DWP/DBP (L2-resident) is updated in place: fewer registers, no spills.
     GATE (Z, DZ rows of N; h is x; B the bias for "after"): 1: h' = x * a is normalized, dx = d * a,
-    dz = d * x * act'(z); 2: dy' = dy * a goes into the norm, dz = dy * u * act'(z) with u recomputed."""
+    dz = d * x * act'(z); 2: dy' = dy * a goes into the norm, dz = dy * u * act'(z) with u recomputed.
+    GROUP_PERIOD > 1 (as the forward's) needs ACC_IN_REGS False and BLOCK_M dividing GROUP_PERIOD, so that
+    the rows of a block update distinct columns of the program's partial row of GROUP_PERIOD * N."""
     pid = tl.program_id(0)
     programs = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_N)
@@ -182,7 +197,7 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
     part = pid.to(tl.int64) * N + cols
     if ACC_IN_REGS:
         if HAS_W:
-            g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+            g = (tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset)[None, :]
         # [BLOCK_M, BLOCK_N] accumulators: summed over rows once at the end, not once per row block
         dw_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
@@ -194,8 +209,9 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
         h = tl.load(Hp + r64 * stride_h + cols[None, :], mask=mask, other=0.0)
         dy = tl.load(DY + r64 * stride_dy + cols[None, :], mask=mask, other=0.0)
         rstd = tl.load(RSTD + rows, mask=rmask, other=1.0)
+        pcols = _param_cols(rows, cols, N, GROUP_PERIOD)
         if not ACC_IN_REGS and HAS_W:
-            g = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+            g = tl.load(W + pcols, mask=cmask[None, :], other=0.0).to(tl.float32) + offset
         hf = h.to(tl.float32)
         dyf = dy.to(tl.float32)
         if GATE != 0:
@@ -209,7 +225,7 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
                 dyf = dyf * a
         dyg = dyf
         if HAS_W:
-            dyg = dyg * g[None, :]
+            dyg = dyg * g
         s = tl.sum(dyg * hf, axis=1)
         cs = _stat_grad_coef(rstd, K, eps, EPS_OUTSIDE) * s
         corr = hf * cs[:, None]
@@ -226,9 +242,9 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
         if GATE == 2:
             u = xh
             if HAS_W:
-                u = u * g[None, :]
+                u = u * g
             if HAS_B:
-                u = u + tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+                u = u + tl.load(B + pcols, mask=cmask[None, :], other=0.0).to(tl.float32)
             u = u.to(GATE_ROUND_TY).to(tl.float32)
             tl.store(DZ + r64 * N + cols[None, :], (dy_raw * u * _act_slope(zf, ACT)).to(DZ.dtype.element_ty),
                      mask=mask)
@@ -236,11 +252,17 @@ def _bwd_rows(DY, DH, Hp, W, RSTD, DX, DWP, DBP, stride_dy, stride_dh, stride_h,
         if NEED_DW:
             if ACC_IN_REGS:
                 dw_acc += dyf * xh
+            elif GROUP_PERIOD > 1:  # each row of the block to its own columns of the partial row
+                gp = pid.to(tl.int64) * N * GROUP_PERIOD + pcols
+                tl.store(DWP + gp, tl.load(DWP + gp, mask=mask) + dyf * xh, mask=mask)
             else:
                 tl.store(DWP + part, tl.load(DWP + part, mask=cmask) + tl.sum(dyf * xh, axis=0), mask=cmask)
         if NEED_DB:
             if ACC_IN_REGS:
                 db_acc += dyf
+            elif GROUP_PERIOD > 1:
+                gp = pid.to(tl.int64) * N * GROUP_PERIOD + pcols
+                tl.store(DBP + gp, tl.load(DBP + gp, mask=mask) + dyf, mask=mask)
             else:
                 tl.store(DBP + part, tl.load(DBP + part, mask=cmask) + tl.sum(dyf, axis=0), mask=cmask)
     if ACC_IN_REGS:

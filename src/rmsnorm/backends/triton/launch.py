@@ -10,7 +10,7 @@ import triton.language as tl
 
 from ...spec import Spec
 from . import kernels, prebound
-from .heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config
+from .heuristics import BwdConfig, FwdConfig, bwd_config, fwd_config, grouped_bwd_config
 from .prebound import Prebound
 
 # every kernel is launched through its pre-bound launcher (prebound.py)
@@ -83,10 +83,11 @@ def gated_supported(m: int, n: int, itemsize: int, device: torch.device) -> bool
 
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, spec: Spec, out: tuple | None = None,
-            config: FwdConfig | None = None, gate: torch.Tensor | None = None
+            config: FwdConfig | None = None, gate: torch.Tensor | None = None, period: int = 1
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """(y, h, rstd) of (M, N) rows; ``out``: contiguous (M, N) tensors (y, h | None) to write into;
-    ``gate``: contiguous (M, N) rows of a gated call (``spec.gate``; row kernels only)."""
+    ``gate``: contiguous (M, N) rows of a gated call (``spec.gate``; row kernels only); ``period`` > 1: the
+    rows are groups, ``period`` of them to a row of the call, sharing a gain (and bias) of period * N."""
     m, n = x.shape
     if out is not None:
         y, h = out
@@ -105,14 +106,15 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     flags = {"HAS_R": residual is not None, "HAS_W": weight is not None, "HAS_B": bias is not None,
              "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
-    if gate is not None and not cfg.single:
-        raise ValueError(f"gated rows of {n} elements need the row kernel; config {cfg} is not one")
+    if (gate is not None or period > 1) and not cfg.single:
+        raise ValueError(f"gated or grouped rows of {n} elements need the row kernel; config {cfg} is not one")
     if cfg.single:
         grid = (-(-m // cfg.block_m),)  # (triton.cdiv is a constexpr function: 2 µs a call)
+        grouped = {"GROUP_PERIOD": period} if period > 1 else {}
         FWD_ROWS.launch(grid, (*ptrs, *scalars, gate if gate is not None else x),
                         {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PARTIAL": spec.k < n,
                          "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gate is not None),
-                         "STORE_RSTD": True}, x.device)
+                         "STORE_RSTD": True, **grouped}, x.device)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
@@ -165,24 +167,28 @@ def _teams(kernel, args: tuple, consts: dict, g: int, rows: int, device: torch.d
 
 def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight: torch.Tensor | None,
              rstd: torch.Tensor, spec: Spec, need_dw: bool, need_db: bool, config: BwdConfig | None = None,
-             gate: torch.Tensor | None = None, bias: torch.Tensor | None = None, dz: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+             gate: torch.Tensor | None = None, bias: torch.Tensor | None = None, dz: torch.Tensor | None = None,
+             period: int = 1) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """(dx, dw in the weight's dtype, db in fp32) of (M, N) rows. A gated call (``gate``, with h = x) also
-    writes the gate's gradient into ``dz`` and needs the ``bias`` (row kernel only)."""
+    writes the gate's gradient into ``dz`` and needs the ``bias`` (row kernel only). ``period`` as the
+    forward's: dw and db then have period * N elements."""
     m, n = h.shape
     dx = torch.empty((m, n), dtype=h.dtype, device=h.device)
     cfg = config or bwd_config(m, n, sm_count(h.device), h.element_size())
+    if period > 1 and cfg.single:
+        cfg = grouped_bwd_config(cfg, period)
     f32: dict = {"dtype": torch.float32, "device": h.device}
+    pn = n * period  # elements of the gain
     if m == 0:  # two tensors: dW and db must not share storage
-        return dx, (torch.zeros((n,), **f32) if need_dw else None), (torch.zeros((n,), **f32) if need_db else None)
+        return dx, (torch.zeros((pn,), **f32) if need_dw else None), (torch.zeros((pn,), **f32) if need_db else None)
     w = weight.contiguous() if weight is not None else h
     d = dh if dh is not None else h
     flags = {"HAS_DH": dh is not None, "HAS_W": weight is not None, "NEED_DW": need_dw, "NEED_DB": need_db,
              "PARTIAL": spec.k < n, "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec)}
     strides = (dy.stride(0), d.stride(0), h.stride(0))
     scalars = (m, n, spec.k, spec.eps, spec.offset)
-    if gate is not None and not cfg.single:
-        raise ValueError(f"gated rows of {n} elements need the row kernel; config {cfg} is not one")
+    if (gate is not None or period > 1) and not cfg.single:
+        raise ValueError(f"gated or grouped rows of {n} elements need the row kernel; config {cfg} is not one")
     if cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), **f32)
@@ -200,16 +206,17 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         programs = cfg.programs
         # every program writes its whole partial row, except the in-place (L2 partials) variant: zero it
         alloc = torch.empty if (cfg.acc_in_regs or not cfg.single) else torch.zeros
-        dwp = alloc((programs, n), **f32) if need_dw else None
-        dbp = alloc((programs, n), **f32) if need_db else None
+        dwp = alloc((programs, pn), **f32) if need_dw else None
+        dbp = alloc((programs, pn), **f32) if need_db else None
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         if cfg.single:
             gated = gate is not None and dz is not None
+            grouped = {"GROUP_PERIOD": period} if period > 1 else {}
             BWD_ROWS.launch((programs,), (dy, d, h, w, rstd, dx, *parts, *strides, *scalars,
                                           gate if gated else h, dz if gated else dx, bias if bias is not None else h),
                             {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
                              "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gated),
-                             "HAS_B": bias is not None}, h.device)
+                             "HAS_B": bias is not None, **grouped}, h.device)
         else:
             s = torch.empty((m,), **f32)
             BWD_ROWDOT.launch((m,), (dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset),

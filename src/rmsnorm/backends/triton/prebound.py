@@ -63,6 +63,17 @@ def _hooked(rt: Any) -> bool:
     return False
 
 
+def _defaults(kernel: Any) -> dict:
+    """The default values of a Triton kernel's parameters that have one."""
+    import inspect
+
+    fn = getattr(kernel, "fn", None)
+    if fn is None:
+        return {}
+    return {name: prm.default for name, prm in inspect.signature(fn).parameters.items()
+            if prm.default is not inspect.Parameter.empty}
+
+
 class Bound:
     """One launch of one kernel specialization (grid, constexprs and launch options fixed):
     ``bound(*args)`` launches it. The first call goes through Triton's own path (which compiles and caches the
@@ -95,12 +106,13 @@ class Bound:
         if self.compiled is None and self.bindable and _enabled[0]:
             active = (_triton or _import_triton())[1].active
             names = self.kernel.arg_names[len(args):]
+            given = {**_defaults(self.kernel), **self.consts}  # constexprs left out take their defaults
             if all(hasattr(compiled, f) for f in ("run", "function", "packed_metadata")) and all(
-                    n in self.consts for n in names):
+                    n in given for n in names):
                 if self.index is None:
                     self.index = active.get_current_device()
                 self.stream = active.get_current_stream  # (the driver's; Triton keeps one per process)
-                self.tail = tuple(self.consts[n] for n in names)
+                self.tail = tuple(given[n] for n in names)
                 self.compiled = compiled
 
 
