@@ -432,6 +432,7 @@ def test_accelerate_partitioned_weights():
 
 def _family(name, **over):
     t = transformers
+    small = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
     cfg, cls, kw = {
         "gpt-neo": (t.GPTNeoConfig, t.GPTNeoForCausalLM,
                     dict(vocab_size=96, max_position_embeddings=64, hidden_size=64, num_layers=2, num_heads=4,
@@ -441,21 +442,43 @@ def _family(name, **over):
         "opt": (t.OPTConfig, t.OPTForCausalLM, dict(vocab_size=96, max_position_embeddings=64, hidden_size=64,
                                                     num_hidden_layers=2, num_attention_heads=4, ffn_dim=128,
                                                     word_embed_proj_dim=64)),
+        "codegen": (t.CodeGenConfig, t.CodeGenForCausalLM, dict(vocab_size=96, n_embd=64, n_layer=2, n_head=4,
+                                                                n_positions=64, rotary_dim=8, bos_token_id=1,
+                                                                eos_token_id=2)),
+        "gpt-neox": (t.GPTNeoXConfig, t.GPTNeoXForCausalLM, dict(small, intermediate_size=128)),
+        "phi": (t.PhiConfig, t.PhiForCausalLM, dict(small, intermediate_size=128)),
+        "falcon": (t.FalconConfig, t.FalconForCausalLM, dict(small)),
+        "stablelm": (t.StableLmConfig, t.StableLmForCausalLM,
+                     dict(small, intermediate_size=128, num_key_value_heads=4)),
     }[name]
     torch.manual_seed(0)
     return _randomize_layernorms(cls(cfg(**{**kw, **over})).eval(), bias_std=0.1)
 
 
-@pytest.mark.parametrize("family", ["gpt-neo", "gpt-j", "opt"])
-def test_exact_conversion_of_other_pre_ln_families(family):
-    model = _family(family)
+@pytest.mark.parametrize("family,over", [("gpt-neo", {}), ("gpt-j", {}), ("opt", {}), ("codegen", {}),
+                                         ("gpt-neox", {}), ("gpt-neox", {"use_parallel_residual": False}),
+                                         ("phi", {}), ("falcon", {}), ("falcon", {"new_decoder_architecture": True}),
+                                         ("falcon", {"parallel_attn": False}), ("falcon", {"bias": True}),
+                                         ("stablelm", {}), ("stablelm", {"use_parallel_residual": True})])
+def test_exact_conversion_of_other_pre_ln_families(family, over):
+    model = _family(family, **over)
     ids = torch.randint(3, 96, (2, 11))
     ref = model(ids).logits
     report = rmsnorm.convert(model, exact=True)
     assert not any(isinstance(m, nn.LayerNorm) for m in model.modules()), str(report)
     out = model(ids).logits
-    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item()), family
+    assert (out - ref).abs().max().item() <= 1e-5 * (1 + ref.abs().max().item()), (family, over, str(report))
     out.square().mean().backward()  # still trains
+
+
+def test_bloom_is_refused_before_any_change():
+    t = transformers
+    torch.manual_seed(0)
+    model = t.BloomForCausalLM(t.BloomConfig(vocab_size=96, hidden_size=64, n_layer=2, n_head=4)).eval()
+    snap = _snapshot(model)
+    with pytest.raises(ExactConversionError, match="Falcon"):
+        rmsnorm.convert(model, exact=True)
+    _same(model, snap)
 
 
 def test_post_ln_opt_is_refused_before_any_change():

@@ -72,7 +72,8 @@ def convert(model: nn.Module, *, include: str | Sequence[str] | None = None,
     ``exclude`` wins). Each RMSNorm takes the LayerNorm's shape, eps and gain (and its bias when
     ``keep_bias``), so a model can be fine-tuned after the swap; it is not the same function unless the
     inputs have zero mean. ``exact=True`` instead applies the exact Pre-LN -> Pre-RMSNorm transformation
-    (Jiang et al. 2023) to the Pre-LN families it holds for (GPT-2, GPTBigCode, GPT-Neo, GPT-J, pre-LN OPT):
+    (Jiang et al. 2023) to the Pre-LN families it holds for (GPT-2, GPTBigCode, GPT-Neo, GPT-J, CodeGen,
+    pre-LN OPT, GPT-NeoX, Phi-1/2, Falcon, StableLM):
     see :func:`rmsnorm.surgery.exact.convert_exact`. LayerNorm subclasses are converted by what their
     forward computes (gain 1 + w: offset=1) or left, with the reason in the report. All or nothing: after
     an error the model is exactly as before.

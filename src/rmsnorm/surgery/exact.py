@@ -8,9 +8,11 @@ bias are then folded into the linear layer that reads its output, leaving a plai
 model computes the same function (in eval mode: dropout on a zero-mean vector does not keep it
 zero-mean, so training-mode outputs differ as with any dropout mask).
 
-Supported (:data:`LAYOUTS`): Hugging Face GPT-2 (GPT2Model and its heads), GPTBigCode, GPT-Neo, GPT-J
-(parallel attention and MLP) and pre-LN OPT; anything else is refused before any change, with the reason
-for each family. All or nothing: an error anywhere leaves the model exactly as it was
+Supported (:data:`LAYOUTS`): Hugging Face GPT-2 (GPT2Model and its heads), GPTBigCode, GPT-Neo, GPT-J and
+CodeGen (parallel attention and MLP), pre-LN OPT, GPT-NeoX / Pythia, Phi-1/2, Falcon (each block form) and
+StableLM (sequential or parallel); anything else is refused before any change, with the reason for each
+family. (BLOOM's LayerNorm on the embeddings writes LN(e) * g + b into the stream, which no centering of
+weights makes zero-mean: refused.) All or nothing: an error anywhere leaves the model exactly as it was
 (:mod:`rmsnorm.surgery.transaction`).
 """
 
@@ -60,6 +62,35 @@ LAYOUTS = (
     Layout("OPT (pre-LN)", "model.decoder", ("embed_tokens", "embed_positions"), "layers",
            (("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
              ("self_attn.out_proj",)), ("final_layer_norm", ("fc1",), ("fc2",))), "final_layer_norm"),
+    # CodeGen: GPT-J's parallel block with a fused qkv projection
+    Layout("CodeGen", "transformer", ("wte",), "h",
+           (("ln_1", ("attn.qkv_proj", "mlp.fc_in"), ("attn.out_proj", "mlp.fc_out")),), "ln_f"),
+    # GPT-NeoX / Pythia: two norms reading the stream, in parallel (use_parallel_residual) or in sequence
+    Layout("GPT-NeoX", "gpt_neox", ("embed_in",), "layers",
+           (("input_layernorm", ("attention.query_key_value",), ("attention.dense",)),
+            ("post_attention_layernorm", ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))), "final_layer_norm"),
+    # Phi-1 / Phi-2: one norm read by attention and MLP in parallel
+    Layout("Phi", "model", ("embed_tokens",), "layers",
+           (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.fc1"),
+             ("self_attn.dense", "mlp.fc2")),), "final_layernorm"),
+    # Falcon: parallel attention with one norm, the new decoder's two norms, or sequential blocks
+    Layout("Falcon (parallel, one norm)", "transformer", ("word_embeddings",), "h",
+           (("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h"),
+             ("self_attention.dense", "mlp.dense_4h_to_h")),), "ln_f", no=("ln_attn", "post_attention_layernorm")),
+    Layout("Falcon (parallel, two norms)", "transformer", ("word_embeddings",), "h",
+           (("ln_attn", ("self_attention.query_key_value",), ("self_attention.dense",)),
+            ("ln_mlp", ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))), "ln_f"),
+    Layout("Falcon (sequential)", "transformer", ("word_embeddings",), "h",
+           (("input_layernorm", ("self_attention.query_key_value",), ("self_attention.dense",)),
+            ("post_attention_layernorm", ("mlp.dense_h_to_4h",), ("mlp.dense_4h_to_h",))), "ln_f"),
+    # StableLM: sequential blocks, or attention and MLP in parallel reading one norm
+    Layout("StableLM", "model", ("embed_tokens",), "layers",
+           (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",)),
+            ("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))), "norm"),
+    Layout("StableLM (parallel)", "model", ("embed_tokens",), "layers",
+           (("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                 "mlp.up_proj"), ("self_attn.o_proj", "mlp.down_proj")),), "norm",
+           no=("post_attention_layernorm",)),
 )
 
 
@@ -102,7 +133,8 @@ def _mismatch(model: nn.Module, lay: Layout) -> str | None:
     for i, block in enumerate(blocks):
         for bad in lay.no:
             if _get(block, bad) is not None:
-                return f"block {i} has {bad}, whose norm reads a stream this conversion does not center"
+                return (f"block {i} has {bad}, which this layout does not (a norm reading another stream, or "
+                        "another block structure)")
         for norm, readers, writers in lay.sublayers:
             norms.append(_get(block, norm))
             for path in (*readers, *writers):
@@ -112,6 +144,16 @@ def _mismatch(model: nn.Module, lay: Layout) -> str | None:
     for ln in norms:
         if not isinstance(ln, nn.LayerNorm) or type(ln).forward is not nn.LayerNorm.forward:
             return f"a norm is {type(ln).__name__}, not a plain nn.LayerNorm"
+    # every other LayerNorm of the body must read what a sublayer computes, not the stream or what enters it
+    # (BLOOM normalizes the embeddings before they enter the stream: its stream is not centered by this)
+    converted = {id(ln) for ln in norms}
+    inner = {path.split(".")[0] for _, readers, _ in lay.sublayers for path in readers}  # attn, mlp, ...
+    prefix = lay.blocks + "."
+    for path, module in body.named_modules():
+        if isinstance(module, nn.LayerNorm) and id(module) not in converted:
+            rest = path[len(prefix):].split(".") if path.startswith(prefix) else []
+            if not (len(rest) >= 3 and rest[1] in inner):  # inside a block's attention or MLP: reads its own
+                return f"{path} is a LayerNorm outside the blocks' sublayers (it would read an uncentered stream)"
     decoder = _get(model, "model.decoder")
     if decoder is not None and any(_get(decoder, p) is not None for p in ("project_in", "project_out")):
         return "it projects the embeddings in and out of the stream"
