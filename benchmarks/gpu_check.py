@@ -106,8 +106,10 @@ def correctness(out: Path) -> bool:
             # the second and third calls launch pre-bound (rmsnorm.backends.triton.prebound), those without
             # a residual through the eager entry (rmsnorm.backends.triton.entry)
             for _ in range(3):
+                # the interpreter truncates each bf16 cast instead of rounding it: up to one ulp for each of
+                # the residual sum, the "llama" cast's rounding and the output store
                 check_against_reference(x, w, b, r, what=name, backend="triton",
-                                        low_atol_ulps=1.0 if DEV == "cpu" else 0.0, **kw)
+                                        low_atol_ulps=3.0 if DEV == "cpu" else 0.0, **kw)
             lines.append(f"PASS {name}")
         except Exception as exc:  # report every failure, keep going
             ok = False
