@@ -47,7 +47,8 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "sliding_window": 64, "linear_num_key_heads": 2, "linear_num_value_heads": 4, "linear_key_head_dim": 16,
          "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
          "mamba_d_state": 16, "ssm_state_size": 16, "n_groups": 1, "num_global_layers": 1,
-         "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8}
+         "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8, "vocab_size_per_layer_input": 128,
+         "hidden_size_per_layer_input": 16}
 MAX_PARAMS = 80_000_000  # (a few configs keep large vision or audio towers)
 
 
@@ -74,10 +75,10 @@ def shrink(cfg) -> None:
     from transformers import PretrainedConfig
 
     for key, value in SMALL.items():
-        if key in vars(cfg) and isinstance(getattr(cfg, key, None), int):
+        if isinstance(vars(cfg).get(key), int) and not isinstance(vars(cfg).get(key), bool):
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(cfg, key, value)
-    n = getattr(cfg, "num_hidden_layers", None)
+    n = vars(cfg).get("num_hidden_layers")
     for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "block_types"):
         v = vars(cfg).get(key)
         if isinstance(n, int) and isinstance(v, (list, tuple)) and len(v) > n:
