@@ -155,32 +155,37 @@ def test_auto_selection_never_picks_the_interpreter():
     assert max_err(rmsnorm.rms_norm(x, backend="triton"), rmsnorm.rms_norm(x, backend="reference")) < 1e-5
 
 
+def _gated_matches_the_reference(x, w, b, z, **kw):
+    """The call on the Triton row kernels (GatedFunction) and on the reference: outputs and every gradient
+    (bf16 within the interpreter's truncation: a few ulps; dW/db summed over the rows of x)."""
+    res = {}
+    for backend in ("triton", "reference"):
+        leaves = [t.clone().to(DEVICE).requires_grad_(True) if t is not None else None for t in (x, w, b, z)]
+        gate = dict(gate=leaves[3]) if z is not None else {}
+        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], backend=backend, eps=1e-5, **gate, **kw)
+        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(DEVICE)
+        res[backend] = (y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
+    assert type(res["triton"][0].grad_fn).__name__ == "GatedFunctionBackward"
+    eps = 1e-6 if x.dtype == torch.float32 else 3 * torch.finfo(x.dtype).eps
+    (y, gs), (yr, gr) = res["triton"], res["reference"]
+    assert y.dtype == yr.dtype
+    assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
+    for a, c in zip(gs, gr, strict=True):
+        assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * x.shape[0] ** 0.5
+
+
 @pytest.mark.parametrize("mode", ["before", "after"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", [dict(cast="llama"), dict(gate_act="sigmoid", bias=True, eps_mode="outside"),
                                   dict(offset=1.0, p=0.5)])
 def test_gated_rows_match_the_reference(mode, dtype, opts, poison):
-    """Gated calls on the Triton row kernels: outputs and every gradient against the decomposition (bf16 within
-    the interpreter's truncation: a few ulps)."""
+    """Gated calls on the Triton row kernels: outputs and every gradient against the decomposition."""
     opts = dict(opts)
     bias = opts.pop("bias", False)
     g = torch.Generator().manual_seed(7)
     x, z = (torch.randn(6, 40, generator=g) * 2).to(dtype), torch.randn(6, 40, generator=g).to(dtype)
     w, b = torch.randn(40, generator=g).to(dtype), (torch.randn(40, generator=g).to(dtype) if bias else None)
-    res = {}
-    for backend in ("triton", "reference"):
-        leaves = [t.clone().to(DEVICE).requires_grad_(True) if t is not None else None for t in (x, w, b, z)]
-        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], gate=leaves[3], gate_mode=mode, backend=backend,
-                             eps=1e-5, **opts)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(DEVICE)
-        res[backend] = (y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
-    assert type(res["triton"][0].grad_fn).__name__ == "GatedFunctionBackward"
-    eps = 1e-6 if dtype == torch.float32 else 3 * torch.finfo(dtype).eps
-    (y, gs), (yr, gr) = res["triton"], res["reference"]
-    assert y.dtype == yr.dtype
-    assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
-    for a, c in zip(gs, gr, strict=True):
-        assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * 6 ** 0.5
+    _gated_matches_the_reference(x, w, b, z, gate_mode=mode, **opts)
 
 
 @pytest.mark.parametrize("mode", ["before", "after", None])
@@ -190,29 +195,15 @@ def test_gated_rows_match_the_reference(mode, dtype, opts, poison):
                                             (6, 9, 36, dict(no_gain=True, bias=True))])
 def test_grouped_calls_match_the_reference(mode, dtype, group, m, n, opts, poison):
     """Grouped calls (gated or not) on the Triton row kernels, each group a row with its part of the gain:
-    outputs and every gradient against the decomposition (bf16 within the interpreter's truncation)."""
+    outputs and every gradient against the decomposition."""
     opts = dict(opts)
     bias, no_gain = opts.pop("bias", False), opts.pop("no_gain", False)
     g = torch.Generator().manual_seed(group)
     x, z = (torch.randn(m, n, generator=g) * 2).to(dtype), torch.randn(m, n, generator=g).to(dtype)
     w = None if no_gain else torch.randn(n, generator=g).to(dtype)
     b = torch.randn(n, generator=g).to(dtype) if bias else None
-    res = {}
-    for backend in ("triton", "reference"):
-        leaves = [t.clone().to(DEVICE).requires_grad_(True) if t is not None else None
-                  for t in (x, w, b, z if mode else None)]
-        kw = dict(gate=leaves[3], gate_mode=mode) if mode else {}
-        y = rmsnorm.rms_norm(leaves[0], leaves[1], leaves[2], backend=backend, eps=1e-5, group_size=group, **kw,
-                             **opts)
-        dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype).to(DEVICE)
-        res[backend] = (y, torch.autograd.grad(y, [t for t in leaves if t is not None], dy))
-    assert type(res["triton"][0].grad_fn).__name__ == "GatedFunctionBackward"
-    eps = 1e-6 if dtype == torch.float32 else 3 * torch.finfo(dtype).eps
-    (y, gs), (yr, gr) = res["triton"], res["reference"]
-    assert y.dtype == yr.dtype
-    assert ((y.float() - yr.float()).abs() <= eps * (1 + yr.float().abs())).all()
-    for a, c in zip(gs, gr, strict=True):
-        assert a.dtype == c.dtype and max_err(a, c) <= 4 * eps * (1 + c.float().abs().max().item()) * m ** 0.5
+    gate = dict(gate_mode=mode) if mode else {}
+    _gated_matches_the_reference(x, w, b, z if mode else None, group_size=group, **gate, **opts)
 
 
 def test_grouped_backward_blocks_take_one_group_of_each_position():
