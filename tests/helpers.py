@@ -2,11 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
 import rmsnorm
+
+
+@contextlib.contextmanager
+def default_backend(name: str | None) -> Iterator[None]:
+    """Every rmsnorm call without a backend of its own goes to ``name`` inside; the default before is restored."""
+    from rmsnorm.backends import registry
+
+    before = registry.default()
+    registry.set_default(name)
+    try:
+        yield
+    finally:
+        registry.set_default(before)
 
 
 def k_of(n: int, p: float, rounding: str = "ceil") -> int:

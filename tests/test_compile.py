@@ -6,7 +6,7 @@ import torch
 import rmsnorm
 from rmsnorm.spec import Spec
 
-from helpers import rand
+from helpers import default_backend, rand
 
 
 class Block(torch.nn.Module):
@@ -33,11 +33,7 @@ def test_compile_fullgraph_matches_eager(backend):
     torch.manual_seed(0)
     model = Block()
     x, res = rand(4, 64).requires_grad_(True), rand(4, 64)
-    if backend:
-        from rmsnorm.backends import registry
-
-        registry.set_default(backend)
-    try:
+    with default_backend(backend):
         eager = model(x, res)
         eager.square().sum().backward()
         g_eager = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
@@ -47,10 +43,6 @@ def test_compile_fullgraph_matches_eager(backend):
         out = compiled(x, res)
         out.square().sum().backward()
         g_comp = [p.grad.clone() for p in model.parameters()] + [x.grad.clone()]
-    finally:
-        from rmsnorm.backends import registry
-
-        registry.set_default(None)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_comp, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

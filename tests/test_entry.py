@@ -14,9 +14,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import rmsnorm
 from rmsnorm import functional
-from rmsnorm.backends import registry
 
-from helpers import math64
+from helpers import default_backend, math64
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -134,12 +133,9 @@ def test_another_default_backend_turns_the_entry_off():
     m = rmsnorm.RMSNorm(8)
     x = torch.randn(3, 8)
     m(x)
-    try:
-        registry.set_default("reference")
+    with default_backend("reference"):
         assert _entry_answers(m, x) is None
         torch.testing.assert_close(m(x), math64(x, m.weight, eps=torch.finfo(torch.float32).eps).float())
-    finally:
-        registry.set_default(None)
     assert _entry_answers(m, x) is not None
     named = rmsnorm.RMSNorm(8, backend="reference")
     named(x)

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import rmsnorm
 from rmsnorm.spec import Spec, decode
 
+from helpers import default_backend
+
 
 def _oracle(x, w, z, *, mode, act="silu", group=None, eps=1e-6):
     """Gated RMSNorm in fp64 from the definition, written independently of the library."""
@@ -47,17 +49,12 @@ def _agrees_with(original, replaced):
     bit for bit on the reference backend, in fp32 and bf16."""
     import copy
 
-    from rmsnorm.backends import registry
-
     for dtype in (torch.float32, torch.bfloat16):
         a, b = copy.deepcopy(original).to(dtype), copy.deepcopy(replaced).to(dtype)
         x, z = torch.randn(2, 3, 64).to(dtype), torch.randn(2, 3, 64).to(dtype)
         _close(b(x, z), a(x, z))
-        registry.set_default("reference")
-        try:
+        with default_backend("reference"):
             assert torch.equal(a(x, z), b(x, z))
-        finally:
-            registry.set_default(None)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

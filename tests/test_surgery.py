@@ -9,6 +9,8 @@ from torch import nn
 import rmsnorm
 from rmsnorm.surgery import ExactConversionError, family_of
 
+from helpers import default_backend
+
 transformers = pytest.importorskip("transformers")
 
 DTYPE_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -546,14 +548,8 @@ def test_unknown_sources_are_recognised_by_probing_their_forward(dtype):
     assert {n: "no family's numerics match" in why for n, why in report.skipped} == {"2": True, "4": True}
     assert isinstance(model[0], rmsnorm.RMSNorm) and model[5].eps == 1e-3
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
-    from rmsnorm.backends import registry
-
-    before = registry.default()
-    registry.set_default("reference")
-    try:
+    with default_backend("reference"):
         assert torch.equal(model(x), ref)
-    finally:
-        registry.set_default(before)
     out = model(x)
     tol = DTYPE_TOL[dtype]
     assert out.dtype == ref.dtype and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
