@@ -834,11 +834,13 @@ at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
 }
 
 // The (blocks, N) fp32 partials of a parameter's gradient, or undefined when it is not asked for; one block's
-// are allocated as (N). Not zeroed here: each block zeroes its own row (zero_partial_row) inside its worker,
-// which spares a fill op per call and touches the row on the thread that sums into it.
-at::Tensor partials(bool need, int64_t blocks, int64_t N, const at::TensorOptions& f32) {
+// are allocated as (N). Zeroed here only when there are no rows (no worker runs: zero gradients); else each
+// block zeroes its own row (zero_partial_row) inside its worker, which spares a fill op per call and touches
+// the row on the thread that sums into it.
+at::Tensor partials(bool need, int64_t blocks, int64_t N, int64_t rows, const at::TensorOptions& f32) {
   if (!need) return at::Tensor();
-  return blocks == 1 ? at::empty({N}, f32) : at::empty({blocks, N}, f32);
+  const auto shape = blocks == 1 ? std::vector<int64_t>{N} : std::vector<int64_t>{blocks, N};
+  return rows == 0 ? at::zeros(shape, f32) : at::empty(shape, f32);
 }
 
 inline float* zero_partial_row(float* part, int64_t blk, int64_t N) {
@@ -873,8 +875,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
   auto dx = at::empty(h.sizes(), h.options().memory_format(at::MemoryFormat::Contiguous));
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   auto f32 = h.options().dtype(at::kFloat);
-  at::Tensor pw = partials(need_dw, blocks, N, f32);
-  at::Tensor pb = partials(need_db, blocks, N, f32);
+  at::Tensor pw = partials(need_dw, blocks, N, M, f32);
+  at::Tensor pb = partials(need_db, blocks, N, M, f32);
   if (M > 0) {
     const Rows h2 = rows(h, M, N, "h"), dy2 = rows(dy, M, N, "dy");
     Rows dh2;
@@ -915,10 +917,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(
         });
       });
     });
-  } else {
-    for (at::Tensor* part : {&pw, &pb}) {
-      if (part->defined()) part->zero_();  // no rows: zero gradients
-    }
   }
   return {dx, finish_partials(pw, weight, N), finish_partials(pb, bias, N)};
 }
@@ -1011,8 +1009,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
   auto dz = z ? at::empty(x.sizes(), opts.dtype(z->scalar_type())) : at::Tensor();
   blocks = std::max<int64_t>(1, std::min(blocks, std::max<int64_t>(M, 1)));
   auto f32 = opts.dtype(at::kFloat);
-  at::Tensor pw = partials(need_dw, blocks, n_full, f32);
-  at::Tensor pb = partials(need_db, blocks, n_full, f32);
+  at::Tensor pw = partials(need_dw, blocks, n_full, M, f32);
+  at::Tensor pb = partials(need_db, blocks, n_full, M, f32);
   if (M > 0 && N > 0) {
     ParamBuffers& bufs = param_buffers();
     const float* g = param_row(weight, n_full, spec.offset, true, bufs.gain);
@@ -1036,10 +1034,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_gated(
         });
       });
     });
-  } else {
-    for (at::Tensor* part : {&pw, &pb}) {
-      if (part->defined()) part->zero_();  // no rows: zero gradients
-    }
   }
   return {dx, dz, finish_partials(pw, weight, n_full), finish_partials(pb, bias, n_full)};
 }

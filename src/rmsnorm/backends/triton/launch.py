@@ -110,11 +110,10 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
         raise ValueError(f"gated or grouped rows of {n} elements need the row kernel; config {cfg} is not one")
     if cfg.single:
         grid = (-(-m // cfg.block_m),)  # (triton.cdiv is a constexpr function: 2 µs a call)
-        grouped = {"GROUP_PERIOD": period} if period > 1 else {}
         FWD_ROWS.launch(grid, (*ptrs, *scalars, gate if gate is not None else x),
                         {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "PARTIAL": spec.k < n,
                          "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gate is not None),
-                         "STORE_RSTD": True, **grouped}, x.device)
+                         "STORE_RSTD": True, "GROUP_PERIOD": period}, x.device)
     elif cfg.team:
         g = _check_team(cfg, n)
         part = torch.empty((m * g,), dtype=torch.float32, device=x.device)
@@ -211,12 +210,11 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         parts = (dwp if dwp is not None else rstd, dbp if dbp is not None else rstd)
         if cfg.single:
             gated = gate is not None and dz is not None
-            grouped = {"GROUP_PERIOD": period} if period > 1 else {}
             BWD_ROWS.launch((programs,), (dy, d, h, w, rstd, dx, *parts, *strides, *scalars,
                                           gate if gated else h, dz if gated else dx, bias if bias is not None else h),
                             {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "ACC_IN_REGS": cfg.acc_in_regs,
                              "num_warps": cfg.num_warps, **flags, **_gate_consts(spec, gated),
-                             "HAS_B": bias is not None, **grouped}, h.device)
+                             "HAS_B": bias is not None, "GROUP_PERIOD": period}, h.device)
         else:
             s = torch.empty((m,), **f32)
             BWD_ROWDOT.launch((m,), (dy, h, w, s, dy.stride(0), h.stride(0), n, spec.offset),
