@@ -49,6 +49,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "mamba_d_state": 16, "ssm_state_size": 16, "n_groups": 1, "num_global_layers": 1,
          "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8, "vocab_size_per_layer_input": 128,
          "hidden_size_per_layer_input": 16}
+WIDE, WIDE_KEY = 1024, re.compile(r"intermediate|ffn_hidden|hidden_size_global|projector_hidden|group_vocab")
 MAX_PARAMS = 80_000_000  # (a few configs keep large vision or audio towers)
 
 
@@ -78,6 +79,10 @@ def shrink(cfg) -> None:
         if isinstance(vars(cfg).get(key), int) and not isinstance(vars(cfg).get(key), bool):
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(cfg, key, value)
+    for key, value in list(vars(cfg).items()):  # other widths: feed-forward and projector sizes, hashed vocabularies
+        if isinstance(value, int) and not isinstance(value, bool) and value > WIDE and WIDE_KEY.search(key):
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
+                setattr(cfg, key, SMALL["hidden_size" if "global" in key else "intermediate_size"])
     n = vars(cfg).get("num_hidden_layers")
     for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "block_types"):
         v = vars(cfg).get(key)
@@ -108,6 +113,9 @@ def shrink(cfg) -> None:
             setattr(cfg, key, 1)
     if "use_cache" in v:
         cfg.use_cache = False
+    rope = v.get("rope_parameters")
+    if (isinstance(rope, dict) and "mrope_section" in rope) or _uses_mrope(cfg):
+        cfg.rope_parameters = {**(rope or {"rope_type": "default"}), "mrope_section": _mrope_sections(cfg)}
     for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
         v = vars(cfg).get(key)
         if isinstance(v, int) and v >= SMALL["vocab_size"]:
@@ -115,6 +123,27 @@ def shrink(cfg) -> None:
     for value in list(vars(cfg).values()):
         if isinstance(value, PretrainedConfig):
             shrink(value)
+
+
+def _mrope_sections(cfg) -> list[int]:
+    """Multimodal rotary sections (time, height, width) in the full configs' proportions (1/4, 3/8, 3/8)
+    summing to half the rotary dims of the small head_dim."""
+    rope = vars(cfg).get("rope_parameters") or {}
+    factor = rope.get("partial_rotary_factor", vars(cfg).get("partial_rotary_factor") or 1.0)
+    half = int(SMALL["head_dim"] * factor) // 2
+    t = half // 4
+    h = (half - t) // 2
+    return [t, h, half - t - h]
+
+
+def _uses_mrope(cfg) -> bool:
+    """Whether the config's modeling code splits rotary frequencies into multimodal sections, with a
+    default for them (sized for the full head_dim) when the config has none."""
+    module = sys.modules.get(type(cfg).__module__.replace(".configuration_", ".modeling_"))
+    if module is None:
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(type(cfg).__module__.replace(".configuration_", ".modeling_"))
+    return module is not None and "mrope_section" in Path(module.__file__ or "").read_text()
 
 
 def build(model_type: str) -> torch.nn.Module:
