@@ -48,7 +48,8 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "linear_value_head_dim": 16, "mamba_n_heads": 4, "mamba_d_head": 16, "mamba_n_groups": 1,
          "mamba_d_state": 16, "ssm_state_size": 16, "n_groups": 1, "num_global_layers": 1,
          "index_n_heads": 4, "index_head_dim": 16, "index_topk": 8, "vocab_size_per_layer_input": 128,
-         "hidden_size_per_layer_input": 16}
+         "hidden_size_per_layer_input": 16, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
+         "encoder_ffn_dim": 128, "decoder_ffn_dim": 128}
 WIDE, WIDE_KEY = 1024, re.compile(r"intermediate|ffn_hidden|hidden_size_global|projector_hidden|group_vocab")
 MAX_PARAMS = 80_000_000  # (a few configs keep large vision or audio towers)
 
@@ -84,7 +85,7 @@ def shrink(cfg) -> None:
             with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(cfg, key, SMALL["hidden_size" if "global" in key else "intermediate_size"])
     n = vars(cfg).get("num_hidden_layers")
-    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "block_types"):
+    for key in ("layer_types", "layers_block_type", "hybrid_override_pattern", "block_types", "mlp_layer_types"):
         v = vars(cfg).get(key)
         if isinstance(n, int) and isinstance(v, (list, tuple)) and len(v) > n:
             with contextlib.suppress(AttributeError, TypeError, ValueError):
@@ -103,7 +104,17 @@ def shrink(cfg) -> None:
         cfg.head_dim = cfg.expand * SMALL["hidden_size"] // cfg.num_heads
     if all(isinstance(v.get(k), int) for k in ("mamba_expand", "mamba_headdim")):  # Zamba2
         cfg.mamba_headdim = cfg.mamba_expand * SMALL["hidden_size"] // max(1, v.get("n_mamba_heads", 8) or 8)
+    if all(isinstance(v.get(k), int) for k in ("mamba_d_ssm", "mamba_n_heads", "mamba_d_head")):  # Falcon-H1
+        cfg.mamba_d_ssm = cfg.mamba_n_heads * cfg.mamba_d_head
     # fields a default config leaves unset that its model needs once the config is small
+    if "n_routed_experts" in v and v["n_routed_experts"] is None:
+        cfg.n_routed_experts = SMALL["n_routed_experts"]
+    if "n_shared_experts" in v and v["n_shared_experts"] is None:
+        cfg.n_shared_experts = 1
+    if "conv_L_cache" in v and v.get("layer_types") is None:  # LFM2: a short-convolution and an attention layer
+        cfg.layer_types = ["conv", "full_attention"]
+    if "sliding_window" in v and v["sliding_window"] is None:  # longer than the inputs: no effect on them
+        cfg.sliding_window = SMALL["sliding_window"]
     if "head_dim" in v and v["head_dim"] is None:
         cfg.head_dim = SMALL["head_dim"]
     if "num_experts_per_tok" in v and v["num_experts_per_tok"] is None:
