@@ -17,7 +17,7 @@ BACKENDS = [b for b in ("cpu", "triton") if available(b)]
 # truncates bf16/fp16 casts instead of rounding them
 TOLERANCE = {"cpu": ("cpu", 0.0), "triton": ("cuda", 0.0) if CUDA else ("cpu", 1.0)}
 FLAGS = list(itertools.product(["inside", "outside"], [1.0, 0.0625, 0.4], [False, True], [0.0, 1.0],
-                               ["fp32", "llama", "t5"], [None, "same", "fp32"]))
+                               ["fp32", "llama", "t5", "rstd"], [None, "same", "fp32"]))
 
 
 def _device(backend: str) -> str:

@@ -37,7 +37,7 @@ def _python_path(m: rmsnorm.RMSNorm, x: torch.Tensor) -> torch.Tensor:
 CASES = list(itertools.product(
     [torch.float32, torch.bfloat16, torch.float16],  # x
     [None, torch.float32, torch.bfloat16],  # weight dtype (None: x's)
-    ["fp32", "llama", "t5"],
+    ["fp32", "llama", "t5", "rstd"],
     [(1.0, "ceil", "inside", 0.0, False), (0.3, "floor", "outside", 1.0, True), (0.5, "ceil", "inside", 0.0, True)],
 ))
 

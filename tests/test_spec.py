@@ -41,8 +41,20 @@ def test_resolve_gives_the_documented_spec():
         == torch.float16
 
 
+def test_rstd_cast_rounds_the_inverse_rms_to_h_dtype_only_for_half_inputs():
+    w = rand(10)
+    for dt, rounded in ((torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16), (torch.float32, None)):
+        spec = resolve(rand(3, 10, dtype=dt), w.to(dt), None, None, None, 1e-6, "inside", 1.0, "ceil", 0.0, "rstd",
+                       None)
+        assert spec.rstd_round == rounded and spec.round_to == rounded and spec.out_dtype == dt
+        assert decode(spec.encode()) == spec
+    x = rand(3, 10, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="cast='rstd' is not supported with a gate"):
+        rmsnorm.rms_norm(x, w.bfloat16(), cast="rstd", gate=x)
+
+
 def test_cast_members_are_their_strings():
-    assert [c.value for c in Cast] == ["fp32", "llama", "t5"]
+    assert [c.value for c in Cast] == ["fp32", "llama", "t5", "rstd"]
     assert Cast.LLAMA == "llama" and Cast("t5") is Cast.T5
     m = rmsnorm.RMSNorm(8, cast="llama")
     assert m.cast is Cast.LLAMA and "cast='llama'" in repr(m)

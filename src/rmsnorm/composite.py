@@ -72,9 +72,14 @@ def _normalized(h: Tensor, spec: Spec, group: int = 0) -> Tensor:
         # sqrt'(0) is infinite: the subgradient 0 at an all-zero prefix, as the kernels use
         pos = ms > 0
         root = torch.where(pos, ms, torch.ones_like(ms)).sqrt() * pos
-        xhat = rows / (root + spec.eps)
-    else:
+        if spec.rstd_round is None:
+            xhat = rows / (root + spec.eps)
+        else:
+            xhat = rows * (1.0 / (root + spec.eps)).to(spec.rstd_round).to(rows.dtype)
+    elif spec.rstd_round is None:
         xhat = rows * torch.rsqrt(ms + spec.eps)
+    else:  # cast "rstd": 1/r rounded before it multiplies
+        xhat = rows * torch.rsqrt(ms + spec.eps).to(spec.rstd_round).to(rows.dtype)
     return xhat.flatten(-2).view(h.shape) if group else xhat.view(h.shape)
 
 
@@ -176,7 +181,7 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
             gh = d.reshape(h.shape)
         rows = tuple(range(len(batch)))
         if need_w and weight is not None:
-            xhat = hf * rstd
+            xhat = hf * (rstd if spec.rstd_round is None else rstd.to(spec.rstd_round).to(cd))
             if spec.round_to is not None:
                 xhat = xhat.to(spec.round_to).to(cd)
             gw = (dyf * xhat).sum(rows).reshape(weight.shape).to(weight.dtype)

@@ -12,7 +12,7 @@ from torch.compiler import is_compiling
 from . import args as _args
 from .backends import entries
 from .ops import run
-from .spec import Cast, Spec, out_dtype_for, round_to
+from .spec import Cast, Spec, out_dtype_for, round_to, rstd_round_to
 
 # Eager entries by keyword options (see rms_norm); None where the entry cannot serve them.
 _ENTRIES: dict[tuple, entries.Entry | None] = {}
@@ -67,7 +67,8 @@ def rms_norm(
     All N elements are divided by r; the gradient of r flows only into the first k. Statistics
     accumulate in fp32 (fp64 for fp64). ``cast="fp32"`` computes everything in fp32 with one final cast
     (torch.nn.RMSNorm); ``cast="llama"`` rounds h/r to h's dtype before the gain (Hugging Face Llama);
-    ``cast="t5"`` follows the gain's dtype (rounds to a half-precision gain's dtype, outputs in it).
+    ``cast="t5"`` follows the gain's dtype (rounds to a half-precision gain's dtype, outputs in it);
+    ``cast="rstd"`` is "llama" with 1/r itself rounded to h's dtype first (``x * rsqrt(ms + eps).to(x.dtype)``).
 
     The normalized shape is ``normalized_shape``, else weight's (or bias's) shape, else ``x.shape[-1:]``.
     The default eps=1e-6 differs from :class:`rmsnorm.RMSNorm`'s eps=None (torch.nn.RMSNorm's default);
@@ -131,9 +132,11 @@ def resolve(x: Tensor, weight: Tensor | None, bias: Tensor | None, residual: Ten
     else:
         rounding, out = round_to(cast, h_dtype, w_dtype), out_dtype or out_dtype_for(cast, h_dtype, w_dtype)
     spec = Spec(nd, _args.partial_size(n, p, partial_rounding), float(eps), eps_mode == "outside", float(offset),
-                rounding, out, residual is not None)
+                rounding, out, residual is not None, rstd_round=rstd_round_to(cast, h_dtype))
     if gate is None and group_size is None:
         return spec
+    if cast == Cast.RSTD:
+        raise ValueError("cast='rstd' is not supported with a gate or group_size")
     group = _args.check_gate(x, gate, gate_mode, gate_act, group_size, residual, nd, n, p)
     if gate is not None and gate_mode == "after":
         # u (the norm's result) keeps the cast's rounding to its own dtype, the gated output is x's dtype

@@ -53,6 +53,8 @@ class RMSNorm(nn.Module):
         super().__init__()
         _args.check_options(eps, eps_mode, p, partial_rounding, offset, cast)
         _args.check_gate_options(gate_mode, gate_act, group_size)
+        if group_size is not None and cast == Cast.RSTD:
+            raise ValueError("cast='rstd' is not supported with group_size")
         self.group_size = group_size
         self.gate_mode = gate_mode
         self.gate_act = gate_act

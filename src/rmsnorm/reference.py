@@ -27,6 +27,12 @@ from .args import compute_dtype
 from .spec import Spec
 
 
+def rounded_rstd(rstd: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """1/r as it multiplies h: rounded through ``spec.rstd_round`` when set (cast "rstd"). The gradient
+    treats that rounding as the identity, as autograd does a dtype cast."""
+    return rstd if spec.rstd_round is None else rstd.to(spec.rstd_round).to(rstd.dtype)
+
+
 def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
             residual: torch.Tensor | None, spec: Spec, out: tuple[torch.Tensor, torch.Tensor | None] | None = None
             ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
@@ -41,7 +47,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     hf = h.to(cd)
     ms = hf[:, : spec.k].square().sum(dim=1) / spec.k
     rstd = torch.rsqrt(ms + spec.eps) if not spec.eps_outside else 1.0 / (ms.sqrt() + spec.eps)
-    xhat = hf * rstd[:, None]
+    xhat = hf * rounded_rstd(rstd, spec)[:, None]
     if spec.round_to is not None:
         xhat = xhat.to(spec.round_to).to(cd)
     if weight is not None:
@@ -77,7 +83,7 @@ def backward(dy: torch.Tensor, dh: torch.Tensor | None, h: torch.Tensor, weight:
         grad = grad + dh.to(cd)
     dw = db = None
     if need_dw:
-        xhat = hf * rstd[:, None]
+        xhat = hf * rounded_rstd(rstd, spec)[:, None]
         if spec.round_to is not None:
             xhat = xhat.to(spec.round_to).to(cd)
         dw = (dyf * xhat).sum(dim=0)

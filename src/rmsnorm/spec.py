@@ -21,7 +21,9 @@ Spec stores what that means for the call's dtypes, ``round_to``:
 
 - ``fp32``: never (torch.nn.RMSNorm: everything in fp32, one cast of the result);
 - ``llama``: to the dtype of h (Hugging Face Llama: ``weight * hidden.to(input_dtype)``);
-- ``t5``: to the gain's dtype when the gain is fp16/bf16 (T5: ``weight * hidden.to(weight.dtype)``).
+- ``t5``: to the gain's dtype when the gain is fp16/bf16 (T5: ``weight * hidden.to(weight.dtype)``);
+- ``rstd``: as ``llama``, and the inverse RMS 1/r is itself rounded to h's dtype before it multiplies h
+  (DeepSeek-V4, GLM-5 Next: ``x * torch.rsqrt(variance + eps).to(x.dtype)``), stored as ``rstd_round``.
 
 Rounding to fp32 or fp64 is the identity on fp32 (fp64) arithmetic, so ``round_to`` is only ever
 ``torch.bfloat16``, ``torch.float16`` or None.
@@ -43,6 +45,7 @@ class Cast(StrEnum):
     FP32 = "fp32"
     LLAMA = "llama"
     T5 = "t5"
+    RSTD = "rstd"
 
 
 HALF = (torch.float16, torch.bfloat16)
@@ -50,18 +53,24 @@ HALF = (torch.float16, torch.bfloat16)
 
 def round_to(cast: Cast | str, h_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype | None:
     """The dtype ``cast`` rounds the normalized row to, for h of ``h_dtype`` and a gain of ``weight_dtype``."""
-    if cast == Cast.LLAMA:
+    if cast in (Cast.LLAMA, Cast.RSTD):
         return h_dtype if h_dtype in HALF else None
     if cast == Cast.T5:
         return weight_dtype if weight_dtype in HALF else None
     return None
 
 
+def rstd_round_to(cast: Cast | str, h_dtype: torch.dtype) -> torch.dtype | None:
+    """The dtype ``cast`` rounds 1/r to before it multiplies h ("rstd" with a half-precision h), else None."""
+    return h_dtype if cast == Cast.RSTD and h_dtype in HALF else None
+
+
 def out_dtype_for(cast: Cast | str, h_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
     """Output dtype when none is given: h's (torch.nn.RMSNorm, also for a gain of another dtype); with
-    "llama" the promotion of h's and the gain's (``weight * hidden.to(input_dtype)``); with "t5" the gain's."""
+    "llama" (and "rstd") the promotion of h's and the gain's (``weight * hidden.to(input_dtype)``); with "t5"
+    the gain's."""
     if weight_dtype is not None:
-        if cast == Cast.LLAMA:
+        if cast in (Cast.LLAMA, Cast.RSTD):
             return torch.promote_types(h_dtype, weight_dtype)
         if cast == Cast.T5:
             return weight_dtype
@@ -73,7 +82,8 @@ class Spec(NamedTuple):
 
     With h = x (+ residual) and its rows flattened over the trailing ``normalized_ndim`` dims (N elements):
     r = sqrt(mean(h[:k]^2) + eps), or sqrt(mean(h[:k]^2)) + eps with ``eps_outside``;
-    y = round(h / r) * (weight + offset) + bias in ``out_dtype``, where round goes through ``round_to``.
+    y = round(h * s) * (weight + offset) + bias in ``out_dtype``, where round goes through ``round_to`` and
+    s = 1/r, itself rounded through ``rstd_round`` when that is set.
     """
 
     normalized_ndim: int
@@ -90,6 +100,7 @@ class Spec(NamedTuple):
     gate_act: str = "silu"  # "silu" or "sigmoid"
     group: int = 0  # > 0: the RMS is taken over consecutive groups of this many elements of a row
     gate_round: torch.dtype | None = None  # "after": the dtype u is rounded to before the gate (None: none)
+    rstd_round: torch.dtype | None = None  # cast "rstd": the dtype 1/r is rounded to before it multiplies h
 
     @property
     def kernel_plain(self) -> bool:
@@ -102,7 +113,7 @@ class Spec(NamedTuple):
         return (f"nd={self.normalized_ndim};k={self.k};eps={self.eps!r};eps_outside={int(self.eps_outside)};"
                 f"offset={self.offset!r};round_to={_dtype_name(self.round_to)};out={_dtype_name(self.out_dtype)};"
                 f"residual={int(self.residual)};gate={self.gate or 'none'};act={self.gate_act};group={self.group};"
-                f"gate_round={_dtype_name(self.gate_round)}")
+                f"gate_round={_dtype_name(self.gate_round)};rstd_round={_dtype_name(self.rstd_round)}")
 
 
 def plain(out_dtype: torch.dtype, n: int = 1) -> Spec:
@@ -133,6 +144,7 @@ def decode(text: str) -> Spec:
         gate = f.get("gate", "none")
         return Spec(int(f["nd"]), int(f["k"]), float(f["eps"]), f["eps_outside"] == "1", float(f["offset"]),
                     _dtype(f["round_to"]), out, f["residual"] == "1", None if gate == "none" else gate,
-                    f.get("act", "silu"), int(f.get("group", "0")), _dtype(f.get("gate_round", "none")))
+                    f.get("act", "silu"), int(f.get("group", "0")), _dtype(f.get("gate_round", "none")),
+                    _dtype(f.get("rstd_round", "none")))
     except (KeyError, ValueError, AssertionError):
         raise ValueError(f"not an rmsnorm spec: {text!r}") from None

@@ -23,7 +23,7 @@ from ...spec import Cast
 from .. import registry
 from . import build, heuristics
 
-_CASTS = {Cast.FP32: 0, Cast.LLAMA: 1, Cast.T5: 2}
+_CASTS = {Cast.FP32: 0, Cast.LLAMA: 1, Cast.T5: 2, Cast.RSTD: 3}
 _listening: list[bool] = []
 
 

@@ -39,21 +39,25 @@ struct Spec {
   // the RMS over groups of that many elements; gate_round: "after" rounds the norm's result through it
   int64_t gate = 0, act = 0, group = 0;
   at::ScalarType gate_round = at::ScalarType::Undefined;
+  at::ScalarType rstd_round = at::ScalarType::Undefined;  // cast "rstd": 1/r rounded through it before use
 
   // For an autograd node's saved_data (which holds IValues) and back (ungated specs only reach the node).
   c10::IValue pack() const {
     return c10::ivalue::Tuple::create({nd, k, eps, eps_outside, offset, static_cast<int64_t>(round_to),
-                                       static_cast<int64_t>(out_dtype), residual});
+                                       static_cast<int64_t>(out_dtype), residual, static_cast<int64_t>(rstd_round)});
   }
   static Spec unpack(const c10::IValue& v) {
     const auto& e = v.toTupleRef().elements();
-    return Spec{e[0].toInt(), e[1].toInt(), e[2].toDouble(), e[3].toBool(), e[4].toDouble(),
-                static_cast<at::ScalarType>(e[5].toInt()), static_cast<at::ScalarType>(e[6].toInt()), e[7].toBool()};
+    Spec s{e[0].toInt(), e[1].toInt(), e[2].toDouble(), e[3].toBool(), e[4].toDouble(),
+           static_cast<at::ScalarType>(e[5].toInt()), static_cast<at::ScalarType>(e[6].toInt()), e[7].toBool()};
+    s.rstd_round = static_cast<at::ScalarType>(e[8].toInt());
+    return s;
   }
   // The fields as a Python tuple (rmsnorm.spec.Spec(*fields) rebuilds the Python object).
   py::tuple fields() const {
-    py::object rt = round_to == at::ScalarType::Undefined ? py::none() : py::cast(round_to);
-    return py::make_tuple(nd, k, eps, eps_outside, offset, rt, py::cast(out_dtype), residual);
+    auto opt = [](at::ScalarType t) { return t == at::ScalarType::Undefined ? py::none() : py::cast(t); };
+    return py::make_tuple(nd, k, eps, eps_outside, offset, opt(round_to), py::cast(out_dtype), residual,
+                          py::none(), "silu", 0, py::none(), opt(rstd_round));
   }
 };
 
@@ -202,6 +206,13 @@ inline void round_through(at::ScalarType t, fVec& a, fVec& b) {
   else if (t == at::kHalf) Io<c10::Half>::round(a, b);
 }
 
+// 1/r rounded through bf16 or fp16 (Spec::rstd_round, cast "rstd"), or as it is.
+inline float round_scalar(at::ScalarType t, float v) {
+  if (t == at::kBFloat16) return static_cast<float>(static_cast<c10::BFloat16>(v));
+  if (t == at::kHalf) return static_cast<float>(static_cast<c10::Half>(v));
+  return v;
+}
+
 inline float inv_rms(float ss, int64_t k, float eps, bool eps_outside) {
   const float ms = ss / static_cast<float>(k);
   return eps_outside ? 1.f / (std::sqrt(ms) + eps) : 1.f / std::sqrt(ms + eps);
@@ -291,6 +302,7 @@ struct Fwd {
   void* h; void* y; float* rstd;
   const float* g; const float* bias;
   int64_t N, k; float eps; bool eps_outside; at::ScalarType round_to;
+  at::ScalarType rstd_round;  // 1/r rounded through it before it multiplies (Undefined: not)
   bool stream;  // non-temporal stores of y and h
   Gate gate;
 };
@@ -360,7 +372,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
   for (int64_t r = r0; r < r1; ++r) {
     const float rs = inv_rms(ss, k, a.eps, a.eps_outside);
     if (a.rstd) a.rstd[r] = rs;
-    const fVec vr(rs);
+    const fVec vr(round_scalar(a.rstd_round, rs));
     const TH* h = src(r);
     TO* y = static_cast<TO*>(a.y) + r * N;
     const float* grow = a.g;
@@ -782,7 +794,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(
   const float* b = param_row(bias, N, 0.0, false, pb.bias);
   const Fwd a{x2.ptr, x2.stride, r2.ptr, r2.stride, res ? h.data_ptr() : nullptr, y.data_ptr(),
               need_rstd ? rstd.data_ptr<float>() : nullptr, g, b, N, k, static_cast<float>(spec.eps),
-              spec.eps_outside, spec.round_to, stream};
+              spec.eps_outside, spec.round_to, spec.rstd_round, stream};
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   dispatch(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
@@ -975,7 +987,8 @@ std::tuple<at::Tensor, at::Tensor> forward_gated(
   const float* b = param_row(bias, n_full, 0.0, false, pb.bias);
   const int64_t k = spec.group > 0 ? N : spec.k;
   Fwd a{x.data_ptr(), N, nullptr, 0, nullptr, y.data_ptr(), rstd.data_ptr<float>(), g, b, N, k,
-        static_cast<float>(spec.eps), spec.eps_outside, spec.round_to, stream, gate_of(z, spec, gr.period)};
+        static_cast<float>(spec.eps), spec.eps_outside, spec.round_to, at::ScalarType::Undefined, stream,
+        gate_of(z, spec, gr.period)};
   blocks = std::max<int64_t>(1, std::min(blocks, M));
   dispatch(x.scalar_type(), "x", [&](auto tx) {
     using TX = decltype(tx);
@@ -1127,7 +1140,7 @@ bool g_auto_is_cpu = false;
 
 void set_auto_is_cpu(bool on) { g_auto_is_cpu = on; }
 
-enum class CastMode : int64_t { kFp32 = 0, kLlama = 1, kT5 = 2 };
+enum class CastMode : int64_t { kFp32 = 0, kLlama = 1, kT5 = 2, kRstd = 3 };
 
 struct Config {
   std::vector<int64_t> shape;  // the normalized shape; empty: the weight's, else the bias's, else x's last dim
@@ -1225,8 +1238,9 @@ py::object call(const Config& c, py::handle xo, py::handle wo, py::handle bo, py
   spec.offset = c.offset;
   spec.residual = r.has_value();
   at::ScalarType out = h_dtype;
-  if (c.cast == CastMode::kLlama) {
+  if (c.cast == CastMode::kLlama || c.cast == CastMode::kRstd) {
     spec.round_to = is_half(h_dtype) ? h_dtype : at::ScalarType::Undefined;
+    if (c.cast == CastMode::kRstd) spec.rstd_round = spec.round_to;
     if (w) out = at::promote_types(h_dtype, w->scalar_type());
   } else if (c.cast == CastMode::kT5) {
     spec.round_to = w && is_half(w->scalar_type()) ? w->scalar_type() : at::ScalarType::Undefined;
@@ -1614,6 +1628,10 @@ struct type_caster<Spec> {
       value.group = PyLong_AsLongLong(item(10));
       if (item(11) == Py_None) value.gate_round = at::ScalarType::Undefined;
       else if (!dtype(item(11), value.gate_round)) return false;
+    }
+    if (PyTuple_GET_SIZE(t) >= 13) {
+      if (item(12) == Py_None) value.rstd_round = at::ScalarType::Undefined;
+      else if (!dtype(item(12), value.rstd_round)) return false;
     }
     value.nd = PyLong_AsLongLong(item(0));
     value.k = PyLong_AsLongLong(item(1));

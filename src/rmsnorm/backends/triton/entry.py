@@ -185,7 +185,7 @@ class Rows:
     def __init__(self, x: Tensor, weight: Tensor | None, bias: Tensor | None, spec: Spec, be: registry.Backend,
                  m: int, n: int, fwd_cfg: Any, bwd_cfg: Any) -> None:
         from . import kernels
-        from .launch import _TL, _gate_consts, _round_ty
+        from .launch import _TL, _gate_consts, _round_ty, _rstd_ty
 
         self.spec, self.backend, self.device, self.m, self.n, self.x_dtype = spec, be, x.device, m, n, x.dtype
         self.shape, self.rstd_shape = x.shape, x.shape[:-1]
@@ -195,7 +195,7 @@ class Rows:
         consts = {"BLOCK_M": fwd_cfg.block_m, "BLOCK_N": fwd_cfg.block_n, "PARTIAL": spec.k < n,
                   "num_warps": fwd_cfg.num_warps, "HAS_R": False, "HAS_W": weight is not None,
                   "HAS_B": bias is not None, "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
-                  "NORM_TY": _TL[x.dtype], **_gate_consts(spec, False)}
+                  "RSTD_TY": _rstd_ty(spec), "NORM_TY": _TL[x.dtype], **_gate_consts(spec, False)}
         grid = (-(-m // fwd_cfg.block_m),)
         self.fwd = prebound.Bound(kernels._fwd_rows, grid, {**consts, "STORE_RSTD": False}, x.device)
         self.fwd_rstd = prebound.Bound(kernels._fwd_rows, grid, {**consts, "STORE_RSTD": True}, x.device)

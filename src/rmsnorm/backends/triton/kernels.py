@@ -83,11 +83,12 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
               HAS_B: tl.constexpr, PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr,
               NORM_TY: tl.constexpr, GATE: tl.constexpr = 0, ACT: tl.constexpr = 0,
               GATE_ROUND_TY: tl.constexpr = tl.float32, STORE_RSTD: tl.constexpr = True,
-              GROUP_PERIOD: tl.constexpr = 1):
+              GROUP_PERIOD: tl.constexpr = 1, RSTD_TY: tl.constexpr = tl.float32):
     """GATE (rows of N, contiguous Z): 1 normalizes x * act(z), 2 multiplies the output by act(z) after
     rounding it through GATE_ROUND_TY. STORE_RSTD False: no backward will follow (RSTD is not written).
     GROUP_PERIOD > 1: the rows are groups of N elements, GROUP_PERIOD of them to a row of the call, and row r
-    takes the gain and bias at columns (r % GROUP_PERIOD) * N + cols."""
+    takes the gain and bias at columns (r % GROUP_PERIOD) * N + cols. RSTD_TY (every forward kernel): 1/r is
+    rounded through it before it multiplies (cast "rstd"; fp32: not rounded)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     rmask = rows < M
@@ -112,8 +113,8 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
     rstd = _inv_rms(tl.sum(xs * xs, axis=1), K, eps, EPS_OUTSIDE)
     if STORE_RSTD:
         tl.store(RSTD + rows, rstd, mask=rmask)
-    y = _finish_row(hf, rstd[:, None], W, B, _param_cols(rows, cols, N, GROUP_PERIOD), cmask[None, :], offset,
-                    HAS_W, HAS_B, ROUND_TY)
+    y = _finish_row(hf, rstd.to(RSTD_TY).to(tl.float32)[:, None], W, B, _param_cols(rows, cols, N, GROUP_PERIOD),
+                    cmask[None, :], offset, HAS_W, HAS_B, ROUND_TY)
     if GATE == 2:
         y = y.to(GATE_ROUND_TY).to(tl.float32) * a
     tl.store(Y + r64 * N + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -123,7 +124,7 @@ def _fwd_rows(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset, 
 def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset,
                 BLOCK_N: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                 EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr, NORM_TY: tl.constexpr, EV1: tl.constexpr,
-                EV2: tl.constexpr):
+                EV2: tl.constexpr, RSTD_TY: tl.constexpr = tl.float32):
     """Rows pid, pid + programs, ...; each row read twice (statistic, then output). EV1 / EV2: L2 eviction
     hints of the two passes ("evict_last" / "evict_first" to keep the rows in flight in L2, or "")."""
     base = tl.arange(0, BLOCK_N)
@@ -148,6 +149,7 @@ def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset
                 acc += x * x
         rstd = _inv_rms(tl.sum(acc, axis=0), K, eps, EPS_OUTSIDE)
         tl.store(RSTD + row, rstd)
+        scale = rstd.to(RSTD_TY).to(tl.float32)
         # second pass backwards: the chunks read last are the likeliest to still be in L2
         steps = tl.cdiv(N, BLOCK_N)
         for i in range(0, steps):
@@ -157,7 +159,7 @@ def _fwd_looped(X, R, W, B, Y, H, RSTD, stride_x, stride_r, M, N, K, eps, offset
                 x = tl.load(H + row * N + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
             else:
                 x = tl.load(X + row * stride_x + cols, mask=m, other=0.0, eviction_policy=EV2).to(tl.float32)
-            y = _finish_row(x, rstd, W, B, cols, m, offset, HAS_W, HAS_B, ROUND_TY)
+            y = _finish_row(x, scale, W, B, cols, m, offset, HAS_W, HAS_B, ROUND_TY)
             tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=m, eviction_policy="evict_first")
 
 
@@ -365,7 +367,7 @@ def _team_sync(ARR, GEN, team, G, SYNC: tl.constexpr):
 def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, K, eps, offset, teams, G,
               CHUNK: tl.constexpr, GMAX: tl.constexpr, HAS_R: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
               PARTIAL: tl.constexpr, EPS_OUTSIDE: tl.constexpr, ROUND_TY: tl.constexpr, NORM_TY: tl.constexpr,
-              SYNC: tl.constexpr = True):
+              SYNC: tl.constexpr = True, RSTD_TY: tl.constexpr = tl.float32):
     """Split-row forward: team t of G programs handles rows t, t + teams, ...; program g owns columns
     [g*CHUNK, (g+1)*CHUNK). PART[row, g] holds the chunk's sum of squares. G is a run-time argument
     (G <= GMAX), so one compiled kernel serves every N of a chunk size."""
@@ -399,7 +401,8 @@ def _fwd_team(X, R, W, B, Y, H, RSTD, PART, ARR, GEN, stride_x, stride_r, M, N, 
                         cache_modifier=".cg")
         rstd = _inv_rms(tl.sum(parts, axis=0), K, eps, EPS_OUTSIDE)
         tl.store(RSTD + row, rstd, mask=valid & (g == 0))
-        y = _finish_row(xr.to(tl.float32), rstd, W, B, cols, cmask, offset, HAS_W, HAS_B, ROUND_TY)
+        y = _finish_row(xr.to(tl.float32), rstd.to(RSTD_TY).to(tl.float32), W, B, cols, cmask, offset, HAS_W, HAS_B,
+                        ROUND_TY)
         tl.store(Y + row * N + cols, y.to(Y.dtype.element_ty), mask=cols < tl.where(valid, N, 0))
         xr = xn
 

@@ -28,6 +28,11 @@ def _round_ty(spec: Spec):
 
 
 @functools.cache
+def _rstd_ty(spec: Spec):
+    """The forward kernels' RSTD_TY: the dtype 1/r is rounded through (cast "rstd"), fp32 for none."""
+    return _TL[spec.rstd_round] if spec.rstd_round is not None else tl.float32
+
+
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -104,7 +109,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | N
     ptrs = (x, r, w, b, y, h if h is not None else y, rstd)
     scalars = (x.stride(0), r.stride(0), m, n, spec.k, spec.eps, spec.offset)
     flags = {"HAS_R": residual is not None, "HAS_W": weight is not None, "HAS_B": bias is not None,
-             "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec),
+             "EPS_OUTSIDE": spec.eps_outside, "ROUND_TY": _round_ty(spec), "RSTD_TY": _rstd_ty(spec),
              "NORM_TY": _TL[residual.dtype if residual is not None else x.dtype]}
     if (gate is not None or period > 1) and not cfg.single:
         raise ValueError(f"gated or grouped rows of {n} elements need the row kernel; config {cfg} is not one")
