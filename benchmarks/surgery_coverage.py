@@ -90,6 +90,22 @@ def gated(cls) -> bool:
         return False
 
 
+def unclaimed(m: nn.Module) -> str:
+    """Why a module no surgery looked at was left: a mean-subtracting norm (its output does not move when
+    every input of a row moves by the same amount) is a LayerNorm, not an RMSNorm."""
+    x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
+    try:
+        with torch.no_grad():
+            a, b = m(x), m(x + 3.0)
+        centered = isinstance(a, torch.Tensor) and torch.allclose(a, b, rtol=1e-3, atol=1e-3)
+    except Exception as exc:  # a module that needs other inputs
+        return f"not named like an RMSNorm, and not an nn.LayerNorm subclass (not probed: {type(exc).__name__})"
+    if centered:
+        return ("a LayerNorm (subtracts the mean: a constant shift of a row leaves its output unchanged), not an "
+                "nn.LayerNorm subclass: no RMSNorm reproduces it")
+    return "not named like an RMSNorm, and not an nn.LayerNorm subclass"
+
+
 def check(family: str, cls) -> dict:
     row = {"family": family, "class": cls.__name__, "kind": "LayerNorm subclass" if issubclass(cls, nn.LayerNorm)
            else "RMSNorm-like"}
@@ -107,7 +123,7 @@ def check(family: str, cls) -> dict:
     except Exception as exc:
         return {**row, "result": f"error: {type(exc).__name__}: {str(exc)[:120]}"}
     if not report.changed:
-        why = report.skipped[0][1] if report.skipped else "not recognised"
+        why = report.skipped[0][1] if report.skipped else unclaimed(m)
         return {**row, "result": f"left: {why}"}
     new = holder["norm"]
     g = torch.Generator().manual_seed(0)

@@ -521,9 +521,20 @@ class _GainlessRMSNorm(nn.Module):
         return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
-class _RoundedRstdRMSNorm(_GainlessRMSNorm):  # rstd rounded to x's dtype: no family computes that
+class _RoundedRstdRMSNorm(_GainlessRMSNorm):  # DeepSeek-V4's unweighted norm: 1/RMS rounded to x's dtype
     def forward(self, x):
         return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
+
+
+class _GainedRoundedRstdRMSNorm(_LlamaWrittenOtherwiseRMSNorm):  # the same rounding, with a gain
+    def forward(self, x):
+        scale = x.to(torch.float32).pow(2).mean(dim=-1, keepdim=True).add(self.eps).rsqrt().to(x.dtype)
+        return self.weight * (x * scale)
+
+
+class _InverseOnlyRMSNorm(_GainlessRMSNorm):  # HY-V4: returns 1/RMS, not a normalized x
+    def forward(self, x):
+        return torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -543,9 +554,9 @@ def test_unknown_sources_are_recognised_by_probing_their_forward(dtype):
     state = {k: v.clone() for k, v in model.state_dict().items()}
     report = rmsnorm.accelerate(model)
     assert not fired, "probing must not call the module itself (its hooks fired)"
-    assert [n for n, _ in report.changed] == ["0", "3", "5"]
-    assert all("probing" in why for _, why in report.changed)
-    assert {n: "no family's numerics match" in why for n, why in report.skipped} == {"2": True, "4": True}
+    assert [n for n, _ in report.changed] == ["0", "3", "4", "5"]
+    assert all("probing" in why for n, why in report.changed if n != "4")  # 4: a known source (l2norm_rstd)
+    assert {n: "no family's numerics match" in why for n, why in report.skipped} == {"2": True}
     assert isinstance(model[0], rmsnorm.RMSNorm) and model[5].eps == 1e-3
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     with default_backend("reference"):
@@ -554,6 +565,30 @@ def test_unknown_sources_are_recognised_by_probing_their_forward(dtype):
     tol = DTYPE_TOL[dtype]
     assert out.dtype == ref.dtype and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
     assert fired  # the hook moved with the module
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rounded_inverse_rms_norms_are_replaced_with_their_rounding(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(_RoundedRstdRMSNorm(1e-6), nn.Linear(48, 48), _GainedRoundedRstdRMSNorm(48),
+                          _InverseOnlyRMSNorm())
+    with torch.no_grad():
+        model[2].weight.normal_()
+    model = model.to(dtype)
+    x = torch.randn(3, 5, 48, dtype=dtype) * 4
+    ref = model[:3](x)
+    report = rmsnorm.accelerate(model)
+    assert [n for n, _ in report.changed] == ["0", "2"], str(report)
+    assert model[0].cast == "rstd" and model[2].cast == "rstd"
+    assert "returns a statistic" in dict(report.skipped)["3"]
+    with default_backend("reference"):
+        assert torch.equal(model[:3](x), ref)  # bit for bit, in every dtype
+    out = model[:3](x)  # the cpu kernels: bitwise in bf16/fp16 (the rounded 1/RMS hides the sum order)
+    assert out.dtype == ref.dtype
+    if dtype != torch.float32:
+        assert torch.equal(out, ref)
+    else:
+        assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_probing_refuses_modules_it_cannot_run():

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from .functional import rms_norm
-from .surgery.accelerate import FAMILY_NUMERICS, GATED, family_of, module_eps
+from .surgery.accelerate import FAMILY_NUMERICS, family_of, module_eps
 
 LAYER_NAME = "RMSNorm"
 
@@ -43,9 +43,9 @@ def _options(cls: type) -> tuple[str, float] | None:
         if torch.compiler.is_compiling():
             return None
         family = family_of(cls)  # gemma4 and torch: fp32 numerics with their own (optional) gain
-        # gated families (a second argument, the gate) keep their own forward under the hub
-        _OPTIONS[cls] = (FAMILY_NUMERICS.get(family, ("fp32", 0.0))
-                         if family not in (None, "l2norm") and family not in GATED else None)
+        # the other families (gated: a second argument; gainless; grouped) keep their own forward under the hub
+        own_gain = ("fp32", 0.0) if family in ("gemma4", "torch") else None
+        _OPTIONS[cls] = FAMILY_NUMERICS.get(family, own_gain) if family is not None else None
     return _OPTIONS[cls]
 
 

@@ -24,6 +24,9 @@ Presets (families, examples; numerics):
 - llama4: Llama 4's text RMSNorm (normalized in fp32, rounded to the input dtype, times the gain:
   cast="llama"); l2norm: its gainless Llama4TextL2Norm (and Inkling-2's unweighted RMSNorm) over the last
   dimension (a LastDimRMSNorm).
+- l2norm_rstd: DeepSeek-V4's and GLM-5 Next's unweighted RMSNorm, ``x * rsqrt(ms + eps).to(x.dtype)``: the
+  inverse RMS rounded to x's dtype before it multiplies (a LastDimRMSNorm with cast="rstd"). Probing also
+  tries the gained form of that rounding (rstd: an RMSNorm with cast="rstd").
 
 Partitioned parameters (DeepSpeed ZeRO-3 leaves a weight of shape [0] and records the full shape as
 ``ds_shape``) are shared as they are; the replacement takes its shape from ``ds_shape``.
@@ -116,6 +119,10 @@ def forward(self, hidden_states):
     hidden_states = hidden_states * torch.rsqrt(hidden_states.square().mean(-1, keepdim=True) + self.eps)
     return hidden_states.to(input_dtype)
 """),
+    "l2norm_rstd": """
+def forward(self, x):
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + self.eps).to(x.dtype)
+""",
     "gemma_grouped": """
 def _norm(self, x):
     if self.group_size is not None:
@@ -247,7 +254,10 @@ def family_of(cls: type) -> str | None:
 # (cast, gain offset) that reproduce each family whose gain is a plain weight; gemma4 (optional gain),
 # torch (its own options) and l2norm (no gain, no fixed shape) are built apart in replacement().
 FAMILY_NUMERICS: dict[str, tuple[str, float]] = {"llama": ("llama", 0.0), "llama4": ("llama", 0.0),
-                                                 "gemma": ("fp32", 1.0), "olmo": ("fp32", 0.0), "t5": ("t5", 0.0)}
+                                                 "gemma": ("fp32", 1.0), "olmo": ("fp32", 0.0), "t5": ("t5", 0.0),
+                                                 "rstd": ("rstd", 0.0)}
+# gainless families over the last dimension (LastDimRMSNorm) and their cast
+LAST_DIM = {"l2norm": "llama", "l2norm_rstd": "rstd"}
 
 
 def module_eps(module: nn.Module, default: float | None = 1e-6) -> float | None:
@@ -260,20 +270,22 @@ def module_eps(module: nn.Module, default: float | None = 1e-6) -> float | None:
 
 class LastDimRMSNorm(nn.Module):
     """Gainless RMSNorm over the last dimension of whatever it is given (shape fixed by no parameter):
-    fp32 statistics, the result rounded to the input's dtype (Llama 4's L2 norm)."""
+    fp32 statistics, the result rounded to the input's dtype (Llama 4's L2 norm; ``cast="rstd"``: with the
+    inverse RMS rounded to it first, as DeepSeek-V4's unweighted norm)."""
 
-    def __init__(self, eps: float, backend: str | None = None) -> None:
+    def __init__(self, eps: float, backend: str | None = None, cast: str = "llama") -> None:
         super().__init__()
         self.eps = eps
         self.backend = backend
+        self.cast = cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from ..functional import rms_norm
 
-        return rms_norm(x, eps=self.eps, cast="llama", backend=self.backend)
+        return rms_norm(x, eps=self.eps, cast=self.cast, backend=self.backend)
 
     def extra_repr(self) -> str:
-        return f"eps={self.eps}"
+        return f"eps={self.eps}" + (f", cast={self.cast!r}" if self.cast != "llama" else "")
 
 
 def _shape(weight: torch.Tensor) -> tuple[int, ...]:
@@ -289,10 +301,10 @@ def replacement(module: nn.Module, family: str, backend: str | None = None) -> n
     if family == "torch":
         assert isinstance(module, nn.RMSNorm)
         new = RMSNorm(module.normalized_shape, module.eps, module.elementwise_affine, backend=backend)
-    elif family == "l2norm":
+    elif family in LAST_DIM:
         eps_l2 = module_eps(module)
         assert eps_l2 is not None  # the default is a float
-        new = LastDimRMSNorm(eps_l2, backend)
+        new = LastDimRMSNorm(eps_l2, backend, LAST_DIM[family])
     else:
         if not isinstance(weight, nn.Parameter) and not (family == "gemma4" and weight is None):
             raise ValueError(f"{type(module).__name__} has no weight parameter")
@@ -348,8 +360,8 @@ def replacement(module: nn.Module, family: str, backend: str | None = None) -> n
 
 
 # families a module of unknown source is checked against (gained; gainless), in order of preference
-PROBED: tuple[str, ...] = ("llama", "gemma", "olmo", "t5")
-PROBED_GAINLESS: tuple[str, ...] = ("l2norm",)
+PROBED: tuple[str, ...] = ("llama", "gemma", "olmo", "t5", "rstd")
+PROBED_GAINLESS: tuple[str, ...] = ("l2norm", "l2norm_rstd")
 _PROBE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -402,6 +414,9 @@ def probe_family(module: nn.Module) -> tuple[str | None, str]:
                 return None, f"{name}: forward is not a known RMSNorm family (probing it raised {type(exc).__name__})"
             if not isinstance(expect, torch.Tensor):
                 return None, f"{name}: forward is not a known RMSNorm family (it returns no tensor)"
+            if expect.shape != x.shape:
+                return None, (f"{name}: not a normalization of its input (shape {tuple(x.shape)} in, "
+                              f"{tuple(expect.shape)} out: it returns a statistic, such as 1/RMS)")
             left = [f for f in left if outs[f].dtype == expect.dtype and outs[f].shape == expect.shape
                     and torch.equal(outs[f], expect)]
             if not left:
