@@ -61,13 +61,23 @@ def candidates(limit: int | None = None):
                         return
 
 
-def instantiate(cls, d: int = 64):
+def instantiate(cls, family: str, d: int = 64):
+    """An instance with a hidden size of d: from the size itself, a shape, no arguments, a group size, or
+    the family's default config made small (benchmarks/surgery_models.py's shrink: hidden size 64)."""
     for args, kwargs in (((d,), {}), (((d,),), {}), ((), {}), ((d,), {"group_size": 16})):
         try:
             return cls(*args, **kwargs)
         except Exception:
             continue
-    return None
+    try:
+        from surgery_models import shrink
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.for_model(family)
+        shrink(cfg)
+        return cls(getattr(cfg, "text_config", None) or cfg)
+    except Exception:
+        return None
 
 
 class WithGate(nn.Module):
@@ -93,6 +103,9 @@ def gated(cls) -> bool:
 def unclaimed(m: nn.Module) -> str:
     """Why a module no surgery looked at was left: a mean-subtracting norm (its output does not move when
     every input of a row moves by the same amount) is a LayerNorm, not an RMSNorm."""
+    children = sorted({type(c).__name__ for c in m.children()})
+    if children:
+        return f"a layer, not a norm: it holds {', '.join(children[:4])} (an nn.LayerNorm among them is convert()'s)"
     x = torch.randn(3, 5, 64, generator=torch.Generator().manual_seed(0))
     try:
         with torch.no_grad():
@@ -110,7 +123,7 @@ def check(family: str, cls) -> dict:
     row = {"family": family, "class": cls.__name__, "kind": "LayerNorm subclass" if issubclass(cls, nn.LayerNorm)
            else "RMSNorm-like"}
     torch.manual_seed(0)  # the same gains and inputs every run: the table changes only when results do
-    m = instantiate(cls)
+    m = instantiate(cls, family)
     if m is None:
         return {**row, "result": "left: needs constructor arguments this table does not guess"}
     with torch.no_grad():

@@ -4,9 +4,10 @@ family that defines an RMSNorm-like class, their logits and gradients before and
     python benchmarks/surgery_models.py [--out docs/surgery-models.md] [--families a,b,...] [--limit N]
 
 For each model type whose modeling module defines a class named like an RMSNorm (RMSNorm, L2Norm,
-T5LayerNorm), the default config is shrunk (hidden size 64, 2 layers, 4 heads, vocabulary 128, experts 4,
-and the same in every sub-config), a causal LM (else the base model) is built from it with a fixed seed
-on CPU, and a copy is put through ``rmsnorm.accelerate``. On random token ids:
+T5LayerNorm) or a norm named LayerNorm that is a plain nn.Module, the default config is shrunk (hidden
+size 64, 2 layers, 4 heads, vocabulary 128, experts 4, and the same in every sub-config), a causal LM
+(else the base model) is built from it with a fixed seed on CPU, and a copy is put through
+``rmsnorm.accelerate``. On random token ids:
 
 - fp32: max |Δ logits| over (1 + max |logits|) between the original and the accelerated copy;
 - bf16: both models cast with ``.to(torch.bfloat16)``: identical logits, or the max difference in ulps;
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import rmsnorm
 
-NORM = re.compile(r"^class (\w*(?:RMSNorm|L2Norm|T5LayerNorm)\w*)\(", re.M)
+# RMSNorm-like classes, and norms named LayerNorm that are no nn.LayerNorm (accelerate probes those too)
+NORM = re.compile(r"^class (\w*(?:RMSNorm|L2Norm|T5LayerNorm)\w*\(|\w*LayerNorm\(nn\.Module\))", re.M)
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
          "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 128, "max_position_embeddings": 256,
          "d_model": 64, "d_ff": 128, "num_layers": 2, "num_heads": 4, "d_kv": 16, "n_embd": 64, "n_layer": 2,

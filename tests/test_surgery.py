@@ -591,6 +591,48 @@ def test_rounded_inverse_rms_norms_are_replaced_with_their_rounding(dtype):
         assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5)
 
 
+class _CpmAntLayerNorm(nn.Module):  # an RMSNorm named LayerNorm (CPM-Ant), with Llama's numerics
+    def __init__(self, n, eps=1e-6):
+        super().__init__()
+        self.eps, self.dim_norm = eps, n
+        self.weight = nn.Parameter(torch.randn(n))
+
+    def forward(self, hidden_states):
+        if hidden_states.size(-1) != self.dim_norm:
+            raise AssertionError("hidden_states.size(-1) != self.dim_norm")
+        old_dtype = hidden_states.dtype
+        variance = hidden_states.to(torch.float32).pow(2).mean(dim=-1, keepdim=True)
+        return (hidden_states * torch.rsqrt(variance + self.eps)).to(old_dtype) * self.weight
+
+
+class _CenteredLayerNorm(_CpmAntLayerNorm):  # a LayerNorm that is no nn.LayerNorm (Cohere): not ours
+    def forward(self, x):
+        h = x.float() - x.float().mean(-1, keepdim=True)
+        return (self.weight.float() * h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+
+
+class _BiasedRMSNorm(_CpmAntLayerNorm):  # a bias the probe's zeros would hide: refused
+    def __init__(self, n):
+        super().__init__(n)
+        self.bias = nn.Parameter(torch.zeros(n))
+
+    def forward(self, x):
+        return _CpmAntLayerNorm.forward(self, x) + self.bias
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_layernorm_named_rmsnorms_are_probed_and_layernorms_left_unreported(dtype):
+    model = nn.Sequential(_CpmAntLayerNorm(40), _CenteredLayerNorm(40), _BiasedRMSNorm(40)).to(dtype)
+    x = torch.randn(3, 40, dtype=dtype)
+    ref = model(x)
+    report = rmsnorm.accelerate(model)
+    assert [n for n, _ in report.changed] == ["0"] and "llama numerics" in report.changed[0][1]
+    # 1 is a LayerNorm (not reported); 2 has a bias the probe would not see
+    assert [(n, "besides a gain: ['bias']" in why) for n, why in report.skipped] == [("2", True)]
+    with default_backend("reference"):
+        assert torch.equal(model(x), ref)
+
+
 def test_probing_refuses_modules_it_cannot_run():
     class NeedsGateRMSNorm(_LlamaWrittenOtherwiseRMSNorm):
         def forward(self, x, gate):

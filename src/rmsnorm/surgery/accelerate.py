@@ -4,9 +4,10 @@ Families are recognised by what their ``forward`` computes, not only by name: th
 ``forward`` (and ``_norm``) with its class name, docstrings and comments removed is compared with the
 known families of Hugging Face transformers. That covers the 180 or so RMSNorm classes there that are
 copies of a few implementations (LlamaRMSNorm is repeated in about 140 models). A module named like an
-RMSNorm whose source is not a known family's is probed (``probe_family``): a copy of it is run on inputs in
-fp32, bf16 and fp16 with random gains, and the first family whose replacement returns the same bits in the
-same dtype on the reference backend is taken; otherwise the module is left and the report says why.
+RMSNorm (or named LayerNorm without being an nn.LayerNorm, as CPM-Ant's RMSNorm) whose source is not a known
+family's is probed (``probe_family``): a copy of it is run on inputs in fp32, bf16 and fp16 with random
+gains, and the first family whose replacement returns the same bits in the same dtype on the reference
+backend is taken; otherwise the module is left and the report says why (a LayerNorm-named one silently).
 Instances are replaced and share the original parameters; no class is patched.
 
 Presets (families, examples; numerics):
@@ -382,6 +383,9 @@ def probe_family(module: nn.Module) -> tuple[str | None, str]:
 
     name = type(module).__name__
     weight = getattr(module, "weight", None)
+    extra = sorted(n for n, _ in module.named_parameters(recurse=False) if n != "weight")
+    if extra:
+        return None, f"{name}: forward is not a known RMSNorm family (it has parameters besides a gain: {extra})"
     if module_eps(module, None) is None:
         if any(True for _ in module.children()):
             return None, f"{name}: wraps other modules (a norm among them is replaced on its own)"
@@ -442,14 +446,19 @@ def accelerate(model: nn.Module) -> SurgeryReport:
         family = family_of(type(module))  # type: ignore[arg-type]  # a class is hashable
         how = ""
         if family is None:
-            if not re.search(r"RMSNorm|T5LayerNorm|L2Norm", type(module).__name__):
+            cls_name = type(module).__name__
+            rms_named = re.search(r"RMSNorm|T5LayerNorm|L2Norm", cls_name) is not None
+            # a norm named LayerNorm that is no nn.LayerNorm (CPM-Ant's is an RMSNorm): probed, and left
+            # unreported unless it computes a family's numbers (most are LayerNorms, none of our business)
+            if not rms_named and not (cls_name.endswith("LayerNorm") and not isinstance(module, nn.LayerNorm)):
                 continue
             key = (type(module), getattr(module, "weight", None) is None)
             if key not in probed:
                 probed[key] = probe_family(module)
             family, how = probed[key]
             if family is None:
-                report.skipped.append((name, how))
+                if rms_named:
+                    report.skipped.append((name, how))
                 continue
             how = f", {how}"
         try:
