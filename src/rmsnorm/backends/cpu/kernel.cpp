@@ -61,27 +61,32 @@ struct Spec {
   }
 };
 
+#define RMSNORM_INLINE __attribute__((always_inline)) inline
+#define RMSNORM_LAMBDA_INLINE __attribute__((always_inline))  // (a lambda's operator(): after its parameters)
+
 using at::vec::Vectorized;
 using fVec = Vectorized<float>;
 constexpr int64_t kF = fVec::size();
 constexpr int64_t kW = 2 * kF;  // elements per step: one Vectorized<bf16/fp16>, two of fp32
 
 // Load / store 2*kF elements of T as two fp32 vectors; the `n` overloads touch only n < kW elements.
+// Always inlined: an out-of-line call passes the vectors through memory, which made every row with a
+// tail (N not a multiple of kW) cost twice a row without one.
 template <typename T>
 struct Io {
-  static void load(const T* p, fVec& a, fVec& b) {
+  RMSNORM_INLINE static void load(const T* p, fVec& a, fVec& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
   }
-  static void load(const T* p, fVec& a, fVec& b, int64_t n) {
+  RMSNORM_INLINE static void load(const T* p, fVec& a, fVec& b, int64_t n) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
   }
-  static void store(T* p, const fVec& a, const fVec& b) {
+  RMSNORM_INLINE static void store(T* p, const fVec& a, const fVec& b) {
     at::vec::convert_from_float<T>(a, b).store(p);
   }
-  static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+  RMSNORM_INLINE static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
     at::vec::convert_from_float<T>(a, b).store(p, n);
   }
-  static void round(fVec& a, fVec& b) {  // round through T (the cast's rounding: see round_through)
+  RMSNORM_INLINE static void round(fVec& a, fVec& b) {  // round through T (the cast's rounding: see round_through)
     std::tie(a, b) = at::vec::convert_to_float<T>(at::vec::convert_from_float<T>(a, b));
   }
 };
@@ -94,17 +99,17 @@ inline __m512i to_bf16(const fVec& a, const fVec& b) {
 template <>
 struct Io<c10::BFloat16> {
   using T = c10::BFloat16;
-  static void load(const T* p, fVec& a, fVec& b) {
+  RMSNORM_INLINE static void load(const T* p, fVec& a, fVec& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p));
   }
-  static void load(const T* p, fVec& a, fVec& b, int64_t n) {
+  RMSNORM_INLINE static void load(const T* p, fVec& a, fVec& b, int64_t n) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>::loadu(p, n));
   }
-  static void store(T* p, const fVec& a, const fVec& b) { _mm512_storeu_si512(p, to_bf16(a, b)); }
-  static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+  RMSNORM_INLINE static void store(T* p, const fVec& a, const fVec& b) { _mm512_storeu_si512(p, to_bf16(a, b)); }
+  RMSNORM_INLINE static void store(T* p, const fVec& a, const fVec& b, int64_t n) {
     _mm512_mask_storeu_epi16(p, (__mmask32)((1ull << n) - 1), to_bf16(a, b));
   }
-  static void round(fVec& a, fVec& b) {
+  RMSNORM_INLINE static void round(fVec& a, fVec& b) {
     std::tie(a, b) = at::vec::convert_to_float<T>(Vectorized<T>(to_bf16(a, b)));
   }
 };
@@ -112,23 +117,23 @@ struct Io<c10::BFloat16> {
 
 template <>
 struct Io<float> {
-  static void load(const float* p, fVec& a, fVec& b) {
+  RMSNORM_INLINE static void load(const float* p, fVec& a, fVec& b) {
     a = fVec::loadu(p);
     b = fVec::loadu(p + kF);
   }
-  static void load(const float* p, fVec& a, fVec& b, int64_t n) {
+  RMSNORM_INLINE static void load(const float* p, fVec& a, fVec& b, int64_t n) {
     a = fVec::loadu(p, std::min(n, kF));
     b = n > kF ? fVec::loadu(p + kF, n - kF) : fVec(0.f);
   }
-  static void store(float* p, const fVec& a, const fVec& b) {
+  RMSNORM_INLINE static void store(float* p, const fVec& a, const fVec& b) {
     a.store(p);
     b.store(p + kF);
   }
-  static void store(float* p, const fVec& a, const fVec& b, int64_t n) {
+  RMSNORM_INLINE static void store(float* p, const fVec& a, const fVec& b, int64_t n) {
     a.store(p, std::min(n, kF));
     if (n > kF) b.store(p + kF, n - kF);
   }
-  static void round(fVec&, fVec&) {}
+  RMSNORM_INLINE static void round(fVec&, fVec&) {}
 };
 
 // Non-temporal stores for outputs larger than the caches (no read-for-ownership of the destination:
@@ -180,28 +185,28 @@ inline bool can_stream(const T* row) {
 
 // Calls f(j, n) over [j0, j1) in steps of kW; n < kW only for the tail.
 template <typename F>
-inline void steps(int64_t j0, int64_t j1, F&& f) {
+RMSNORM_INLINE void steps(int64_t j0, int64_t j1, F&& f) {
   int64_t j = j0;
   for (; j + kW <= j1; j += kW) f(j, kW);
   if (j < j1) f(j, j1 - j);
 }
 
 template <typename T>
-inline void load(const T* p, fVec& a, fVec& b, int64_t n) {
+RMSNORM_INLINE void load(const T* p, fVec& a, fVec& b, int64_t n) {
   if (n == kW) Io<T>::load(p, a, b); else Io<T>::load(p, a, b, n);
 }
 template <typename T>
-inline void store(T* p, const fVec& a, const fVec& b, int64_t n) {
+RMSNORM_INLINE void store(T* p, const fVec& a, const fVec& b, int64_t n) {
   if (n == kW) Io<T>::store(p, a, b); else Io<T>::store(p, a, b, n);
 }
 // A store that streams full steps when `stream` (the row start must be aligned: see can_stream).
 template <typename T>
-inline void store(T* p, const fVec& a, const fVec& b, int64_t n, bool stream) {
+RMSNORM_INLINE void store(T* p, const fVec& a, const fVec& b, int64_t n, bool stream) {
   if (stream && n == kW) stream_store(p, a, b); else store(p, a, b, n);
 }
 
 // The cast's rounding of the normalized row (Spec::round_to): through bf16, through fp16, or none.
-inline void round_through(at::ScalarType t, fVec& a, fVec& b) {
+RMSNORM_INLINE void round_through(at::ScalarType t, fVec& a, fVec& b) {
   if (t == at::kBFloat16) Io<c10::BFloat16>::round(a, b);
   else if (t == at::kHalf) Io<c10::Half>::round(a, b);
 }
@@ -323,7 +328,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     else return reinterpret_cast<const TH*>(xrow(r));
   };
   // Stage A of row r at [j, j+n): read it (with RES: form h) and add squares of its first k elements.
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) RMSNORM_LAMBDA_INLINE {
     const TX* x = xrow(r);
     if constexpr (RES) {
       const TH* res = static_cast<const TH*>(a.res) + r * a.sres;
@@ -364,7 +369,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
   // (no bookkeeping at all: the template instance without it is what short rows run)
   std::conditional_t<LONG, Cascade, NoCascade> cas;
   fVec s0(0.f), s1(0.f);
-  steps(0, RES ? N : k, [&](int64_t j, int64_t n) {
+  steps(0, RES ? N : k, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
     stage_a(r0, j, n, s0, s1);
     cas.step(s0, s1, j, n);
   });
@@ -386,7 +391,7 @@ void forward_rows(const Fwd& a, int64_t r0, int64_t r1, TH* scratch) {
     const bool next = r + 1 < r1;
     fVec n0(0.f), n1(0.f);
     cas.blocks = 0;
-    steps(0, N, [&](int64_t j, int64_t n) {
+    steps(0, N, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
       if (next) {
         stage_a(r + 1, j, n, n0, n1);
         cas.step(n0, n1, j, n);
@@ -452,7 +457,7 @@ struct ColumnSums {
     int64_t t = 0;  // the level this chunk lands in: the count of trailing ones of `chunks`
     for (int64_t c = chunks; c & 1; c >>= 1) ++t;
     float* dst = levels + t * N;
-    steps(0, N, [&](int64_t j, int64_t n) {
+    steps(0, N, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
       fVec v0, v1, l0, l1;
       load(acc + j, v0, v1, n);
       for (int64_t i = 0; i < t; ++i) {
@@ -467,7 +472,7 @@ struct ColumnSums {
   }
   inline void finish() {
     if (acc == nullptr || levels == nullptr || chunks == 0) return;
-    steps(0, N, [&](int64_t j, int64_t n) {
+    steps(0, N, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
       fVec v0, v1, l0, l1;
       load(acc + j, v0, v1, n);
       for (int64_t i = 0; (chunks >> i) != 0; ++i) {
@@ -513,7 +518,8 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
     else return a.g;
   };
   // GATED: h' (the normalized input) and dy' (the norm's output gradient) of row r at [j, j+n), and act(z)
-  auto gated = [&](int64_t r, int64_t j, int64_t n, fVec& p, fVec& q, fVec& u, fVec& v, fVec& a0, fVec& a1) {
+  auto gated = [&](int64_t r, int64_t j, int64_t n, fVec& p, fVec& q, fVec& u, fVec& v, fVec& a0,
+                   fVec& a1) RMSNORM_LAMBDA_INLINE {
     if (a.gate.mode == 0) return;
     a.gate.load(r, N, j, n, a0, a1);
     a0 = a.gate.value(a0);
@@ -526,7 +532,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
       v = v * a1;
     }
   };
-  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) {
+  auto stage_a = [&](int64_t r, int64_t j, int64_t n, fVec& s0, fVec& s1) RMSNORM_LAMBDA_INLINE {
     fVec p, q, u, v, g0, g1;
     load(hrow(r) + j, p, q, n);
     load(dyrow(r) + j, u, v, n);
@@ -541,7 +547,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
   };
   std::conditional_t<LONG, Cascade, NoCascade> cas;  // as in forward_rows
   fVec s0(0.f), s1(0.f);
-  steps(0, N, [&](int64_t j, int64_t n) {
+  steps(0, N, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
     stage_a(r0, j, n, s0, s1);
     cas.step(s0, s1, j, n);
   });
@@ -575,7 +581,7 @@ void backward_rows(const Bwd& a, int64_t r0, int64_t r1, float* dw, float* db) {
       if (dwr) dwr += off;
       if (dbr) dbr += off;
     }
-    steps(0, N, [&](int64_t j, int64_t n) {
+    steps(0, N, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
       if (next) {
         stage_a(r + 1, j, n, n0, n1);
         cas.step(n0, n1, j, n);
@@ -830,7 +836,7 @@ at::Tensor reduce_blocks(const at::Tensor& part, int64_t N) {
   float* o = out.data_ptr<float>();
   const int64_t nb = part.size(0);
   at::parallel_for(0, N, 1 << 14, [&](int64_t c0, int64_t c1) {
-    steps(c0, c1, [&](int64_t j, int64_t n) {
+    steps(c0, c1, [&](int64_t j, int64_t n) RMSNORM_LAMBDA_INLINE {
       fVec s0, s1;
       load(p + j, s0, s1, n);
       for (int64_t b = 1; b < nb; ++b) {
