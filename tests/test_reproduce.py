@@ -25,7 +25,7 @@ def _args(out: Path, **kw):
 
     base = {"preset": "smoke", "tasks": ",".join(TASKS), "variants": ",".join(VARIANTS), "seeds": None,
             "steps": None, "device": "cpu", "backend": None, "threads": None, "out": out, "dry_run": False,
-            "no_progress": True}
+            "no_progress": True, "jobs": 1}
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -178,6 +178,33 @@ def test_bad_names_and_dry_run(tmp_path, capsys):
     assert reproduce_main(_args(tmp_path, dry_run=True)) == 0
     assert "training runs" in capsys.readouterr().out
     assert not (tmp_path / "runs").exists()
+
+
+def test_runs_at_once_give_the_numbers_of_runs_one_after_another(tmp_path, capsys):
+    """--jobs 2 on 2 threads: each run in its own process on one thread, every run of the plan trained once,
+    and the same numbers as the same runs trained in order on one thread."""
+    threads = torch.get_num_threads()
+    kw = {"tasks": "image-mlp", "variants": "layernorm,rmsnorm"}
+    try:
+        torch.set_num_threads(2)
+        assert reproduce_main(_args(tmp_path / "pool", jobs=2, **kw)) == 0
+        assert "2 runs at once" in capsys.readouterr().out
+        assert reproduce_main(_args(tmp_path / "serial", threads=1, **kw)) == 0
+    finally:
+        torch.set_num_threads(threads)
+    pooled = sorted((tmp_path / "pool" / "runs").rglob("result.json"))
+    serial = sorted((tmp_path / "serial" / "runs").rglob("result.json"))
+    assert [p.relative_to(tmp_path / "pool") for p in pooled] == [p.relative_to(tmp_path / "serial") for p in serial]
+    assert len(pooled) == 4  # two variants at two grid points, seed 0
+    for a, b in zip(pooled, serial, strict=True):
+        ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+        # curve points are (step, seconds, loss): the same losses at the same steps
+        assert ra["test error %"] == rb["test error %"], a
+        assert [(c[0], c[2]) for c in ra["curve"]] == [(c[0], c[2]) for c in rb["curve"]], a
+    meta = json.loads((tmp_path / "pool" / "meta.json").read_text())
+    assert meta["jobs"] == 2 and meta["threads_per_run"] == 1
+    assert reproduce_main(_args(tmp_path / "x", jobs=64, **kw)) == 2
+    assert "--jobs 64" in capsys.readouterr().err
 
 
 def test_missing_data_is_a_clear_message(tmp_path, monkeypatch, capsys):

@@ -47,6 +47,9 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", type=backend_name, default=None,
                    help="rmsnorm backend for the rmsnorm variants (default: automatic)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
+    p.add_argument("--jobs", type=positive_int, default=1,
+                   help="training runs at once, each in its own process with threads/jobs threads (CPU, one "
+                        "process; default 1). Timing phases always run alone")
     p.add_argument("--out", type=writable_dir, default=None,
                    help="output directory (default runs/reproduce-<preset>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -106,6 +109,13 @@ def _main(args: argparse.Namespace) -> int:
         out = output_dir(out)  # a plan shows where it would write, and creates nothing
     if args.threads:
         torch.set_num_threads(args.threads)
+    jobs = getattr(args, "jobs", 1)
+    if jobs > 1 and (args.device != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+        raise UsageError("--jobs runs several CPU training runs at once in one process tree; it cannot be "
+                         "combined with --device cuda or torchrun")
+    if jobs > torch.get_num_threads():
+        raise UsageError(f"--jobs {jobs} is more than the {torch.get_num_threads()} threads torch uses here "
+                         "(every run needs at least one)")
     runs = [(t, v, s, lr) for t in tasks for v in variants for s, lr in _schedule(preset.tasks[t], preset.seeds)]
     if args.dry_run:
         print(f"preset {preset.name} ({preset.data} data), {preset.seeds} seed(s), output {out}")
@@ -131,13 +141,19 @@ def _main(args: argparse.Namespace) -> int:
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "backend": args.backend or _auto_backend(args.device), "world_size": dd.world, "allocator": allocator(),
-            "started": time.strftime("%Y-%m-%d %H:%M %Z"), "tasks": tasks, "variants": variants}
+            "started": time.strftime("%Y-%m-%d %H:%M %Z"), "tasks": tasks, "variants": variants, "jobs": jobs,
+            "threads_per_run": torch.get_num_threads() // jobs}
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         atomic_json(out / "meta.json", {**meta, "preset_config": {t: asdict(preset.tasks[t]) for t in tasks}})
     total = sum(preset.tasks[t].steps for t, v, s, lr in runs if not finished(out, t, v, s, lr))
     bar = _bar(total, args.no_progress or not dd.main)
     t_start = time.time()
+    pool = None
+    if jobs > 1:
+        from .pool import RunPool
+
+        pool = RunPool(jobs, torch.get_num_threads() // jobs)
     try:
         built = {}
         for t in tasks:  # data first: a missing data set is reported before anything runs
@@ -172,20 +188,45 @@ def _main(args: argparse.Namespace) -> int:
                               f"{res['train_seconds']:.0f} s")
                 return res
 
+            def train_all(runs: list[tuple[str, int, float, bool]], t: str = t, task=task, size=size) -> dict:
+                """(variant, seed, lr) -> result of every (variant, seed, lr, dev_split): in order here, or on
+                the pool (finished runs are read here either way)."""
+                if pool is None:
+                    return {(v, s, lr): train(v, s, lr, dev_split) for v, s, lr, dev_split in runs}
+                got = {(v, s, lr): train(v, s, lr, dev_split) for v, s, lr, dev_split in runs
+                       if finished(out, t, v, s, lr)}
+
+                def done(key: tuple[str, int, float], res: dict) -> None:
+                    v, s, lr = key
+                    bar.update(size.steps)
+                    dev = f" (dev {res['dev'][task.metric]})" if "dev" in res else ""
+                    bar.write(f"{t} {v} lr{lr:g} seed{s}: {task.metric} {res.get(task.metric)}{dev} in "
+                              f"{res['train_seconds']:.0f} s ({pool.threads} thread(s), {pool.jobs} runs at once)")
+
+                bar.set_description(f"{t}: {pool.jobs} runs at once")
+                return {**got, **pool.train(t, size, preset.data, out / "work",
+                                            [r for r in runs if r[:3] not in got],
+                                            lambda v, s, lr: run_dir(out, t, v, s, lr), args.backend,
+                                            preset.autocast, done)}
+
             chosen = {}
-            for v in variants:
-                if size.lrs:
-                    dev = {lr: train(v, 0, lr, dev_split=True)["dev"][task.metric] for lr in size.lrs}
-                    chosen[v] = best_lr(dev, task.metric)
-                else:
-                    chosen[v] = size.lr
+            if size.lrs:  # seed 0 at every grid point, every variant
+                swept = train_all([(v, 0, lr, True) for v in variants for lr in size.lrs])
+                for v in variants:
+                    chosen[v] = best_lr({lr: swept[(v, 0, lr)]["dev"][task.metric] for lr in size.lrs}, task.metric)
+            else:
+                chosen = {v: size.lr for v in variants}
             if dd.main:
                 atomic_json(out / "lr" / f"{t}.json", {v: chosen[v] for v in variants})
-            for s in range(preset.seeds):
-                for v in variants:
-                    train(v, s, chosen[v])
-                if dd.main:
-                    report.write_report(out, meta)
+            if pool is None:
+                for s in range(preset.seeds):
+                    for v in variants:
+                        train(v, s, chosen[v])
+                    if dd.main:
+                        report.write_report(out, meta)
+            else:
+                train_all([(v, s, chosen[v], False) for s in range(preset.seeds) for v in variants])
+                report.write_report(out, meta)
             if dd.main:
                 bar.set_description(f"{t} timing")
                 timed = variants + [v for v in TIMING_VARIANTS if v.removesuffix("-ops") in variants]
@@ -199,10 +240,15 @@ def _main(args: argparse.Namespace) -> int:
                 report.write_report(out, meta)
             dd.barrier()
     except KeyboardInterrupt:
+        if pool is not None:
+            pool.close()
         bar.close()
         print(f"\nrmsnorm reproduce: interrupted; finished runs and checkpoints are kept in {out}; run the same "
               "command again to resume", file=sys.stderr)
         return 130
+    finally:
+        if pool is not None:
+            pool.close()
     bar.close()
     if dd.main:
         path = report.write_report(out, meta)
