@@ -53,6 +53,7 @@ SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "n
          "hidden_size_per_layer_input": 16, "encoder_attention_heads": 4, "decoder_attention_heads": 4,
          "encoder_ffn_dim": 128, "decoder_ffn_dim": 128}
 WIDE, WIDE_KEY = 1024, re.compile(r"intermediate|ffn_hidden|hidden_size_global|projector_hidden|group_vocab")
+IMAGE = 64  # image side for vision models whose config has no int image_size
 MAX_PARAMS = 80_000_000  # (a few configs keep large vision or audio towers)
 
 
@@ -126,6 +127,8 @@ def shrink(cfg) -> None:
             setattr(cfg, key, 1)
     if "use_cache" in v:
         cfg.use_cache = False
+    if isinstance(v.get("image_size"), int) and isinstance(v.get("patch_size"), int):  # a 4 x 4 patch image
+        cfg.image_size = min(cfg.image_size, 4 * cfg.patch_size)
     rope = v.get("rope_parameters")
     if (isinstance(rope, dict) and "mrope_section" in rope) or _uses_mrope(cfg):
         cfg.rope_parameters = {**(rope or {"rope_type": "default"}), "mrope_section": _mrope_sections(cfg)}
@@ -187,9 +190,21 @@ def build(model_type: str) -> torch.nn.Module:
 
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's output on token ids (or, for a vision model without token inputs, on a fixed random image
+    of the config's size: IMAGE pixels a side)."""
     import inspect
 
-    extra = {"decoder_input_ids": ids} if "decoder_input_ids" in inspect.signature(model.forward).parameters else {}
+    params = inspect.signature(model.forward).parameters
+    if "input_ids" not in params and "pixel_values" in params:
+        cfg = model.config
+        size = getattr(cfg, "image_size", IMAGE)
+        size = size if isinstance(size, int) else IMAGE
+        dtype = next(model.parameters()).dtype
+        pixels = torch.randn(ids.shape[0], getattr(cfg, "num_channels", 3), size, size,
+                             generator=torch.Generator().manual_seed(2)).to(dtype)
+        out = model(pixel_values=pixels)
+        return out.logits if getattr(out, "logits", None) is not None else out[0]
+    extra = {"decoder_input_ids": ids} if "decoder_input_ids" in params else {}
     out = model(input_ids=ids, **extra)
     t = out.logits if getattr(out, "logits", None) is not None else out[0]
     return t
