@@ -7,7 +7,7 @@ For each model type whose modeling module defines a class named like an RMSNorm 
 T5LayerNorm) or a norm named LayerNorm that is a plain nn.Module, the default config is shrunk (hidden
 size 64, 2 layers, 4 heads, vocabulary 128, experts 4, and the same in every sub-config), a causal LM
 (else the base model) is built from it with a fixed seed on CPU, and a copy is put through
-``rmsnorm.accelerate``. On random token ids:
+``rmsnorm.accelerate``. On random token ids (a random image for a vision model without token inputs):
 
 - fp32: max |Δ logits| over (1 + max |logits|) between the original and the accelerated copy;
 - bf16: both models cast with ``.to(torch.bfloat16)``: identical logits, or the max difference in ulps;
@@ -299,8 +299,8 @@ def markdown(rows: list[dict], seconds: float) -> str:
         "on. The reference backend makes each norm's rows contiguous before it reduces them; a norm that receives "
         "a non-contiguous view (Inkling-2's per-head value norm) is reduced by torch in another order, one fp32 "
         "ulp apart, hence its 'no'. Targets: fp32 ≤ 1e-5, bf16 ≤ 1 ulp, grads ≤ 1e-4. Families whose tiny "
-        "model could not be built "
-        "from input ids alone are listed with the reason; their norm classes are in the module-level table "
+        "model could not be built and run on token ids (or, for vision models without token inputs, a random "
+        "image) are listed with the reason; their norm classes are in the module-level table "
         "([surgery.md](surgery.md)).", "",
         f"{len(rows)} families: {len(checked)} built with at least one norm replaced and compared, {len(ok)} within "
         f"the targets; {sum(1 for r in rows if r['result'].startswith('not built'))} not built; "
