@@ -182,3 +182,27 @@ def test_t5_cast_matches_hf_formula_for_every_dtype_pair(x_dtype, w_dtype):
     for cast in ("t5", rmsnorm.Cast.T5):
         ours = rmsnorm.rms_norm(x, w, cast=cast, **REF)
         assert ours.dtype == expect.dtype and torch.equal(ours, expect)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("eps_mode", ["inside", "outside"])
+def test_rstd_cast_is_the_same_in_the_reference_and_the_decomposition(dtype, eps_mode):
+    """cast="rstd" (1/RMS rounded to h's dtype first): the reference backend and the decomposition that
+    compile and export trace give the same bits, and its gradient treats the rounding as identity."""
+    from rmsnorm import composite, reference
+    from rmsnorm.functional import resolve
+
+    x, w = rand(6, 40, dtype=dtype, scale=3.0, seed=5), rand(40, dtype=dtype, seed=6)
+    spec = resolve(x, w, None, None, None, 1e-6, eps_mode, 1.0, "ceil", 0.0, "rstd", None)
+    y_ref = reference.forward(x, w, None, None, spec)[0]
+    if dtype == torch.float32:  # no rounding in fp32 (and eps outside divides there: 1 ulp apart)
+        assert spec.rstd_round is None
+        torch.testing.assert_close(composite.normalize(x, w, None, spec), y_ref, rtol=2e-7, atol=1e-7)
+    else:
+        assert torch.equal(composite.normalize(x, w, None, spec), y_ref)
+    if dtype == torch.bfloat16 and eps_mode == "inside":  # the Hugging Face form, bit for bit
+        want = w * (x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + 1e-6).to(dtype))
+        assert torch.equal(y_ref, want)
+    x64, w64 = x.double().requires_grad_(True), w.double().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda a, b: rmsnorm.rms_norm(a, b, eps=1e-6, eps_mode=eps_mode, cast="rstd"),
+                                    (x64, w64))
