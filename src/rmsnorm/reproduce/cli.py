@@ -47,9 +47,10 @@ def add_parser(sub) -> None:
     p.add_argument("--backend", type=backend_name, default=None,
                    help="rmsnorm backend for the rmsnorm variants (default: automatic)")
     p.add_argument("--threads", type=positive_int, default=None, help="torch.set_num_threads")
-    p.add_argument("--jobs", type=positive_int, default=1,
+    p.add_argument("--jobs", type=positive_int, default=None,
                    help="training runs at once, each in its own process with threads/jobs threads (CPU, one "
-                        "process; default 1). Timing phases always run alone")
+                        "process; default: the preset's, 2 for full, capped at the threads). Timing phases "
+                        "always run alone")
     p.add_argument("--out", type=writable_dir, default=None,
                    help="output directory (default runs/reproduce-<preset>)")
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
@@ -109,8 +110,11 @@ def _main(args: argparse.Namespace) -> int:
         out = output_dir(out)  # a plan shows where it would write, and creates nothing
     if args.threads:
         torch.set_num_threads(args.threads)
-    jobs = getattr(args, "jobs", 1)
-    if jobs > 1 and (args.device != "cpu" or int(os.environ.get("WORLD_SIZE", "1")) > 1):
+    single_cpu = args.device == "cpu" and int(os.environ.get("WORLD_SIZE", "1")) == 1
+    jobs = getattr(args, "jobs", None)
+    if jobs is None:  # the preset's default where it can apply
+        jobs = min(preset.jobs, torch.get_num_threads()) if single_cpu else 1
+    if jobs > 1 and not single_cpu:
         raise UsageError("--jobs runs several CPU training runs at once in one process tree; it cannot be "
                          "combined with --device cuda or torchrun")
     if jobs > torch.get_num_threads():
@@ -126,7 +130,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch})"
                   f"{grid}, then at least {preset.timing_rounds} timing rounds x {preset.timing_steps} steps")
         done = sum(finished(out, t, v, s, lr) for t, v, s, lr in runs)
-        print(f"  at most {len(runs)} training runs, {done} already finished (they are not trained again)")
+        print(f"  at most {len(runs)} training runs, {done} already finished (they are not trained again); "
+              f"{jobs} at a time, {torch.get_num_threads() // jobs} thread(s) each")
         return 0
     _maybe_tcmalloc(getattr(args, "allocator", "current"))
     from . import report
