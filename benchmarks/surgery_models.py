@@ -191,7 +191,7 @@ def build(model_type: str) -> torch.nn.Module:
 
 def logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's output on token ids (or, for a vision model without token inputs, on a fixed random image
-    of the config's size: IMAGE pixels a side)."""
+    of the config's image size, IMAGE pixels a side where the config has no int one)."""
     import inspect
 
     params = inspect.signature(model.forward).parameters

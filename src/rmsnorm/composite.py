@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .args import compute_dtype
+from .reference import rounded_rstd
 from .spec import Spec
 
 
@@ -75,11 +76,9 @@ def _normalized(h: Tensor, spec: Spec, group: int = 0) -> Tensor:
         if spec.rstd_round is None:
             xhat = rows / (root + spec.eps)
         else:
-            xhat = rows * (1.0 / (root + spec.eps)).to(spec.rstd_round).to(rows.dtype)
-    elif spec.rstd_round is None:
-        xhat = rows * torch.rsqrt(ms + spec.eps)
-    else:  # cast "rstd": 1/r rounded before it multiplies
-        xhat = rows * torch.rsqrt(ms + spec.eps).to(spec.rstd_round).to(rows.dtype)
+            xhat = rows * rounded_rstd(1.0 / (root + spec.eps), spec)
+    else:
+        xhat = rows * rounded_rstd(torch.rsqrt(ms + spec.eps), spec)
     return xhat.flatten(-2).view(h.shape) if group else xhat.view(h.shape)
 
 
@@ -181,7 +180,7 @@ def input_grads(dy: Tensor | None, dh: Tensor | None, h: Tensor, weight: Tensor 
             gh = d.reshape(h.shape)
         rows = tuple(range(len(batch)))
         if need_w and weight is not None:
-            xhat = hf * (rstd if spec.rstd_round is None else rstd.to(spec.rstd_round).to(cd))
+            xhat = hf * rounded_rstd(rstd, spec)
             if spec.round_to is not None:
                 xhat = xhat.to(spec.round_to).to(cd)
             gw = (dyf * xhat).sum(rows).reshape(weight.shape).to(weight.dtype)

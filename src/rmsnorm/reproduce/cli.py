@@ -188,9 +188,7 @@ def _main(args: argparse.Namespace) -> int:
                                 on_step=lambda step, loss: (bar.update(1), bar.set_postfix(loss=f"{loss:.3f}")),
                                 dev_split=dev_split, amp=preset.autocast)
                 if dd.main and not done:
-                    dev = f" (dev {res['dev'][task.metric]})" if "dev" in res else ""
-                    bar.write(f"{t} {v} lr{lr:g} seed{s}: {task.metric} {res.get(task.metric)}{dev} in "
-                              f"{res['train_seconds']:.0f} s")
+                    bar.write(_result_line(t, v, s, lr, res, task.metric))
                 return res
 
             def train_all(runs: list[tuple[str, int, float, bool]], t: str = t, task=task, size=size) -> dict:
@@ -202,11 +200,9 @@ def _main(args: argparse.Namespace) -> int:
                        if finished(out, t, v, s, lr)}
 
                 def done(key: tuple[str, int, float], res: dict) -> None:
-                    v, s, lr = key
                     bar.update(size.steps)
-                    dev = f" (dev {res['dev'][task.metric]})" if "dev" in res else ""
-                    bar.write(f"{t} {v} lr{lr:g} seed{s}: {task.metric} {res.get(task.metric)}{dev} in "
-                              f"{res['train_seconds']:.0f} s ({pool.threads} thread(s), {pool.jobs} runs at once)")
+                    bar.write(f"{_result_line(t, *key, res, task.metric)} ({pool.threads} thread(s), "
+                              f"{pool.jobs} runs at once)")
 
                 bar.set_description(f"{t}: {pool.jobs} runs at once")
                 return {**got, **pool.train(t, size, preset.data, out / "work",
@@ -245,8 +241,6 @@ def _main(args: argparse.Namespace) -> int:
                 report.write_report(out, meta)
             dd.barrier()
     except KeyboardInterrupt:
-        if pool is not None:
-            pool.close()
         bar.close()
         print(f"\nrmsnorm reproduce: interrupted; finished runs and checkpoints are kept in {out}; run the same "
               "command again to resume", file=sys.stderr)
@@ -260,6 +254,12 @@ def _main(args: argparse.Namespace) -> int:
         print(f"rmsnorm reproduce: done in {time.time() - t_start:.0f} s; report: {path}")
         print(path.read_text())
     return 0
+
+
+def _result_line(task: str, variant: str, seed: int, lr: float, res: dict, metric: str) -> str:
+    """One training run's line of the log (run-log.txt's format)."""
+    dev = f" (dev {res['dev'][metric]})" if "dev" in res else ""
+    return f"{task} {variant} lr{lr:g} seed{seed}: {metric} {res.get(metric)}{dev} in {res['train_seconds']:.0f} s"
 
 
 def _schedule(size, seeds: int) -> list[tuple[int, float]]:

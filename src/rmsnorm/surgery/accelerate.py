@@ -253,7 +253,7 @@ def family_of(cls: type) -> str | None:
 
 
 # (cast, gain offset) that reproduce each family whose gain is a plain weight; gemma4 (optional gain),
-# torch (its own options) and l2norm (no gain, no fixed shape) are built apart in replacement().
+# torch (its own options) and the LAST_DIM families (no gain, no fixed shape) are built apart in replacement().
 FAMILY_NUMERICS: dict[str, tuple[str, float]] = {"llama": ("llama", 0.0), "llama4": ("llama", 0.0),
                                                  "gemma": ("fp32", 1.0), "olmo": ("fp32", 0.0), "t5": ("t5", 0.0),
                                                  "rstd": ("rstd", 0.0)}

@@ -27,12 +27,12 @@ def _round_ty(spec: Spec):
     return _TL[spec.round_to] if spec.round_to is not None else tl.float32
 
 
-@functools.cache
 def _rstd_ty(spec: Spec):
     """The forward kernels' RSTD_TY: the dtype 1/r is rounded through (cast "rstd"), fp32 for none."""
     return _TL[spec.rstd_round] if spec.rstd_round is not None else tl.float32
 
 
+@functools.cache
 def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
