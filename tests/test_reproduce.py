@@ -207,6 +207,39 @@ def test_runs_at_once_give_the_numbers_of_runs_one_after_another(tmp_path, capsy
     assert "--jobs 64" in capsys.readouterr().err
 
 
+_KILLED_PARENT = """
+import os, sys, time
+from rmsnorm.reproduce.pool import RunPool
+pool = RunPool(1, 1)
+print(pool._pool.submit(os.getpid).result(), flush=True)
+pool._pool.submit(time.sleep, 120)
+time.sleep(120)
+"""
+
+
+def test_a_killed_parent_leaves_no_worker_behind():
+    """SIGKILL on the command (no cleanup runs in it): its training worker ends within seconds."""
+    import signal
+    import time
+
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_PARENT], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+        os.kill(worker, 0)  # alive
+    finally:
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its parent")
+
+
 def test_missing_data_is_a_clear_message(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RMSNORM_DATA", str(tmp_path / "nodata"))
     monkeypatch.setattr(D, "FASHION_DIR", tmp_path / "nothing")

@@ -9,11 +9,16 @@ writes its result atomically, exactly as a run in the parent does. Only training
 every timing phase stays in the parent, alone on the machine. A run's numbers depend on its thread count
 (the order of reductions), so results compare across --jobs settings only statistically; the report's
 meta.json records both.
+
+A worker exits on its own when the parent process ends, however it ends (a kill included): the run it was
+training resumes from its last checkpoint at the next invocation, and nothing outlives the command.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -29,6 +34,15 @@ def _init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="parent-watch").start()
+
+
+def _exit_with(parent: multiprocessing.process.BaseProcess) -> None:
+    """Blocks until the parent process has ended, then ends this worker at once (its writes are atomic)."""
+    parent.join()
+    os._exit(1)
 
 
 def _train(name: str, size: Schedule, data: str, work: Path, variant: str, seed: int, lr: float, run_dir: Path,
