@@ -115,8 +115,8 @@ PRESETS = {
                              eval_examples=10000, log_every=25, ckpt_every=500),
         # the other tasks' sizes are the full preset's: the norm-level timing runs at their shapes
     }, timing_rounds=10, timing_steps=10, timing_budget_s=40.0, norm_timing_s=60.0, default_tasks=("image-mlp",)),
-    # full: small models trained to the end of a linearly decaying schedule, lr per variant from a two- or
-    # three-point grid; MT keeps the verse pairs of at most 23 BPE tokens a side (5.6k of 28.6k training
+    # full: small models trained to the end of a linearly decaying schedule, lr per variant from a four- or
+    # five-point grid; MT keeps the verse pairs of at most 23 BPE tokens a side (5.6k of 28.6k training
     # pairs), so that every run passes over its data several times within the time. Step counts: where the
     # held-out loss still fell by more than 1% over the last fifth at fewer steps (the CNN at 2000 steps by
     # 5-8%, the Transformer at 800 by 1.2-1.6%, docs/reproduction's history), and lr grids widened where the
@@ -125,8 +125,9 @@ PRESETS = {
     # had moved to the top), where the variants' choices sat at different ends; then the GRU's, the
     # Transformer's and retrieval's, where every variant had chosen the top of two points: the GRU's
     # choices kept moving up (5e-3, 1e-2, 2e-2 each chosen in turn), the Transformer's fell apart at 1.6e-2
-    # (BLEU 2-3), retrieval's spread over 5e-3 to 1e-2. Step timing continues for up to 150 s per task
-    # while a ratio's CI is wider than +-1% (75 s had left the GRU's and the Transformer's at +-1.5-2.5%)
+    # (test BLEU 2-3), retrieval's spread over 5e-3 to 1e-2. Step timing continues for up to 150 s per task
+    # while a ratio's CI is wider than +-1% (75 s had left CIs up to +-2.5% for the GRU and +-1.5% for the
+    # Transformer; 150 s leaves both at up to +-2.6%: their steps are the slowest, so the fewest rounds fit)
     "full": Preset("full", "full", 3, {
         "mt-gru": GRUMTSize(steps=800, batch=64, lr=1e-2, lrs=(5e-3, 1e-2, 2e-2, 4e-2), hidden=64, emb=64,
                             vocab=4000, max_len=24, decay=True, eval_examples=500, ckpt_every=200, log_every=20),
@@ -157,7 +158,7 @@ PRESETS = {
 }
 # gpu: the full preset's sizes; by default the tasks whose steps are a few large kernels. A GRU step is
 # thousands of small sequential launches (launch-bound on any GPU): they run with --tasks. The Transformer's
-# grid drops 1.6e-2, where every variant's training fell apart on the CPU (BLEU 1-3), to keep the time.
+# grid drops 1.6e-2, where every variant's training fell apart on the CPU (test BLEU 2-3), to keep the time.
 PRESETS["gpu"] = replace(
     PRESETS["full"], name="gpu", seeds=3, timing_budget_s=20.0, norm_timing_s=30.0, autocast="bfloat16",
     default_tasks=("mt-transformer", "image", "image-mlp"), jobs=1,
