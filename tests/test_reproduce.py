@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -108,6 +109,29 @@ def test_finished_runs_are_not_retrained(smoke_run, capsys):
     assert reproduce_main(_args(smoke_run)) == 0
     after = {p: p.stat().st_mtime_ns for p in (smoke_run / "runs").rglob("result.json")}
     assert before == after
+
+
+def test_a_folder_trained_with_other_settings_is_refused(tmp_path, monkeypatch, capsys):
+    """Resuming keeps finished runs, so resuming with other settings would mix runs in one report: refused
+    (exit 2, one line naming the setting), nothing touched. A grown lr grid and another task are fine."""
+    from rmsnorm.reproduce import presets
+
+    out = tmp_path / "r"
+    assert reproduce_main(_args(out, tasks="image-mlp", variants="rmsnorm")) == 0
+    results = {p: p.read_bytes() for p in (out / "runs").rglob("result.json")}
+    capsys.readouterr()
+    assert reproduce_main(_args(out, tasks="image-mlp", variants="rmsnorm", steps=4)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "image-mlp runs trained with other settings: steps 6 (now 4)" in err
+    assert {p: p.read_bytes() for p in (out / "runs").rglob("result.json")} == results
+    smoke = presets.PRESETS["smoke"]
+    mlp = smoke.tasks["image-mlp"]
+    grown = replace(smoke, tasks={**smoke.tasks, "image-mlp": replace(mlp, lrs=(*mlp.lrs, 1e-2))})
+    monkeypatch.setitem(presets.PRESETS, "smoke", grown)
+    assert reproduce_main(_args(out, tasks="image-mlp", variants="rmsnorm")) == 0
+    assert (out / "runs/image-mlp/rmsnorm/lr0.01/seed0/result.json").exists()
+    assert reproduce_main(_args(out, tasks="image", variants="rmsnorm")) == 0
+    assert set(json.loads((out / "meta.json").read_text())["trained_with"]) == {"image", "image-mlp"}
 
 
 def test_resume_after_interruption(tmp_path, monkeypatch):

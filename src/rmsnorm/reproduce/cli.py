@@ -142,15 +142,21 @@ def _main(args: argparse.Namespace) -> int:
     from .tasks import make_task
 
     dd = Dist(args.device)
+    backend = args.backend or _auto_backend(args.device)
     meta = {"preset": preset.name, "command": command_line("reproduce"),
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "backend": args.backend or _auto_backend(args.device), "world_size": dd.world, "allocator": allocator(),
+            "backend": backend, "world_size": dd.world, "allocator": allocator(),
             "started": time.strftime("%Y-%m-%d %H:%M %Z"), "tasks": tasks, "variants": variants, "jobs": jobs,
             "threads_per_run": torch.get_num_threads() // jobs}
+    trained = {t: _trained_with(preset, t, args.device, backend) for t in tasks}
+    _check_folder(out, trained)
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        atomic_json(out / "meta.json", {**meta, "preset_config": {t: asdict(preset.tasks[t]) for t in tasks}})
+        old = _read_meta(out)
+        atomic_json(out / "meta.json", {**meta, "preset_config": {**old.get("preset_config", {}),
+                                                                  **{t: asdict(preset.tasks[t]) for t in tasks}},
+                                        "trained_with": {**old.get("trained_with", {}), **trained}})
     total = sum(preset.tasks[t].steps for t, v, s, lr in runs if not finished(out, t, v, s, lr))
     bar = _bar(total, args.no_progress or not dd.main)
     t_start = time.time()
@@ -260,6 +266,45 @@ def _result_line(task: str, variant: str, seed: int, lr: float, res: dict, metri
     """One training run's line of the log (run-log.txt's format)."""
     dev = f" (dev {res['dev'][metric]})" if "dev" in res else ""
     return f"{task} {variant} lr{lr:g} seed{seed}: {metric} {res.get(metric)}{dev} in {res['train_seconds']:.0f} s"
+
+
+# Task settings that do not change what a finished run holds: runs are kept per lr (so a grid can grow),
+# and checkpoints and log lines only change how often something is written.
+_NOT_BINDING = ("lr", "lrs", "ckpt_every", "log_every")
+
+
+def _trained_with(preset, task: str, device: str, backend: str) -> dict:
+    """What decides the numbers a finished run of ``task`` holds: its size and schedule, the data, the
+    device, autocast and the rmsnorm backend."""
+    size = {k: v for k, v in asdict(preset.tasks[task]).items() if k not in _NOT_BINDING}
+    return {**size, "data": preset.data, "device": device, "autocast": preset.autocast, "backend": backend}
+
+
+def _read_meta(out: Path) -> dict:
+    import json
+
+    try:
+        return json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _check_folder(out: Path, trained: dict[str, dict]) -> None:
+    """Refuse to resume into a folder whose finished runs of a task were trained with other settings (a
+    resumed command keeps finished runs, so they would be mixed with new ones in one report)."""
+    old = _read_meta(out)
+    for task, now in trained.items():
+        before = old.get("trained_with", {}).get(task)
+        if before is None and task in old.get("preset_config", {}):  # written before settings were recorded
+            before = {k: v for k, v in old["preset_config"][task].items() if k not in _NOT_BINDING}
+            now = {k: v for k, v in now.items() if k in before}
+        if before is None or not (out / "runs" / task).exists():
+            continue
+        changed = [f"{k} {before.get(k)!r} (now {now.get(k)!r})" for k in sorted(set(before) | set(now))
+                   if before.get(k) != now.get(k)]
+        if changed:
+            raise UsageError(f"{out} holds {task} runs trained with other settings: {', '.join(changed)}; "
+                             f"resume with the same settings, or use another --out")
 
 
 def _schedule(size, seeds: int) -> list[tuple[int, float]]:
