@@ -65,3 +65,47 @@ def test_ci_contains_the_mean_and_shifts_with_the_data(xs, shift):
     assert a.lo <= a.mean <= a.hi
     assert b.mean == pytest.approx(a.mean + shift, abs=1e-6)
     assert b.hi - b.lo == pytest.approx(a.hi - a.lo, rel=1e-6, abs=1e-6)
+
+
+def _trimmed_by_hand(xs: list[float], g: float) -> tuple[float, float]:
+    """The trimmed mean and CI half-width, written out with numpy (a second implementation)."""
+    import numpy as np
+
+    x = np.sort(np.asarray(xs, dtype=np.float64))
+    n = len(x)
+    k = int(np.floor(g * n))
+    w = np.clip(x, x[k], x[n - k - 1])
+    se = w.std(ddof=1) / ((1 - 2 * g) * np.sqrt(n))
+    return float(x[k:n - k].mean()), S.t_quantile(n - 2 * k - 1) * float(se)
+
+
+def test_trimmed_mean_ci_by_hand_and_at_zero_trim():
+    xs = [0.02, -0.01, 0.03, 0.00, 0.01, 0.65, -0.52, 0.02, 0.01, -0.02, 0.04, 0.00]
+    t = S.trimmed_mean_ci(xs, 0.2)  # k = 2 dropped at each end
+    m, half = _trimmed_by_hand(xs, 0.2)
+    assert t.mean == pytest.approx(m) and t.hi - t.mean == pytest.approx(half) and t.n == 12
+    assert t.mean == pytest.approx(sum(sorted(xs)[2:10]) / 8)
+    plain = S.mean_ci(xs)
+    assert S.trimmed_mean_ci(xs, 0.0) == plain
+    # the two interrupted rounds (0.65, -0.52) set the plain interval's width, not the trimmed one's
+    assert t.hi - t.lo < 0.2 * (plain.hi - plain.lo)
+    assert S.trimmed_mean_ci([1.0], 0.2).lo == -math.inf and S.trimmed_mean_ci([], 0.2).n == 0
+    assert S.trimmed_mean_ci([1.0, 2.0, 3.0], 0.4).lo == -math.inf  # one value left: no interval
+    with pytest.raises(ValueError, match="trim"):
+        S.trimmed_mean_ci(xs, 0.5)
+
+
+@given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=5, max_size=40),
+       st.sampled_from([0.1, 0.2, 0.3]))
+def test_trimmed_mean_ci_matches_a_second_implementation(xs, g):
+    t = S.trimmed_mean_ci(xs, g)
+    m, half = _trimmed_by_hand(xs, g)
+    assert t.mean == pytest.approx(m, abs=1e-9) and (t.hi - t.mean) == pytest.approx(half, rel=1e-9, abs=1e-9)
+    assert t.lo <= t.mean <= t.hi
+
+
+def test_time_ratios_are_trimmed():
+    a = [1.0] * 10 + [3.0]
+    b = [1.0] * 11
+    assert S.time_ratio(a, b).mean == pytest.approx(1.0)  # the one slow round is trimmed
+    assert S.paired_ratio(a, b).mean > 1.05

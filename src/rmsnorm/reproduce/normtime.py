@@ -25,7 +25,7 @@ import rmsnorm
 from rmsnorm.args import partial_size
 
 from .norms import EPS, PARTIAL_P, ops_norm
-from .stats import paired_ratio, within
+from .stats import time_ratio, within
 
 NORMS = ("layernorm", "rmsnorm", "prmsnorm")
 SETTINGS = ("unfused", "fused")
@@ -115,6 +115,6 @@ def comparisons(shape: str) -> list[tuple[str, str, str]]:
 def _resolved(samples: dict, shapes: dict, target: float) -> bool:
     for shape in shapes:
         for setting, a, b in comparisons(shape):
-            if not within(paired_ratio(samples[(shape, setting, a)], samples[(shape, setting, b)]), target):
+            if not within(time_ratio(samples[(shape, setting, a)], samples[(shape, setting, b)]), target):
                 return False
     return True

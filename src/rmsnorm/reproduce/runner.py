@@ -26,7 +26,7 @@ import torch.distributed as dist
 from ..host import silenced_output
 from .atomic import atomic_json, atomic_save
 from .presets import Schedule
-from .stats import paired_ratio, within
+from .stats import time_ratio, within
 
 
 def run_dir(out: Path, task: str, variant: str, seed: int, lr: float) -> Path:
@@ -194,7 +194,7 @@ def time_variants(task, variants: list[str], device: str, backend: str | None, r
         return (time.perf_counter() - t0) / len(batches)
 
     def resolved() -> bool:
-        return all(within(paired_ratio(samples[a], samples[b]), 0.01) for a, b in pairs)
+        return all(within(time_ratio(samples[a], samples[b]), 0.01) for a, b in pairs)
 
     for v in variants:  # warm-up (allocator, JIT builds, caches)
         run(v)
