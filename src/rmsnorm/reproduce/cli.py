@@ -24,9 +24,9 @@ from ..cli_args import (
 )
 from ..host import allocator, command_line, cpu_model, rerun_under_tcmalloc
 from ..spec import plain
+from .lrgrid import GRID_EXTENSIONS, choose_lrs
 from .norms import TIMING_VARIANTS, VARIANTS, check_variants
 from .presets import PRESETS, get_preset, task_sizes, with_overrides
-from .stats import HIGHER_IS_BETTER
 from .tasks import TASKS, check_tasks, norm_shapes
 
 
@@ -126,7 +126,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"  norm-level timing at every task's shapes, fused and unfused: up to {preset.norm_timing_s:.0f} s")
         for t in tasks:
             size = preset.tasks[t]
-            grid = f", lr chosen per variant from {list(size.lrs)} on the dev split" if size.lrs else ""
+            grid = (f", lr chosen per variant from {list(size.lrs)} on the dev split (up to {GRID_EXTENSIONS} more "
+                    "beyond an end where a variant's best is there)" if size.lrs else "")
             print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch})"
                   f"{grid}, then at least {preset.timing_rounds} timing rounds x {preset.timing_steps} steps")
         done = sum(finished(out, t, v, s, lr) for t, v, s, lr in runs)
@@ -217,10 +218,8 @@ def _main(args: argparse.Namespace) -> int:
                                             preset.autocast, done)}
 
             chosen = {}
-            if size.lrs:  # seed 0 at every grid point, every variant
-                swept = train_all([(v, 0, lr, True) for v in variants for lr in size.lrs])
-                for v in variants:
-                    chosen[v] = best_lr({lr: swept[(v, 0, lr)]["dev"][task.metric] for lr in size.lrs}, task.metric)
+            if size.lrs:
+                chosen = choose_lrs(size.lrs, variants, task.metric, train_all)
             else:
                 chosen = {v: size.lr for v in variants}
             if dd.main:
@@ -313,12 +312,6 @@ def _schedule(size, seeds: int) -> list[tuple[int, float]]:
     if not size.lrs:
         return [(s, size.lr) for s in range(seeds)]
     return [(0, lr) for lr in size.lrs] + [(s, size.lrs[0]) for s in range(1, seeds)]
-
-
-def best_lr(dev: dict[float, float], metric: str) -> float:
-    """The grid lr with the best dev metric (the smaller lr on a tie)."""
-    sign = 1 if HIGHER_IS_BETTER[metric] else -1
-    return max(sorted(dev), key=lambda lr: (sign * dev[lr], -lr))
 
 
 def _norm_shapes(preset) -> dict[str, tuple[int, int]]:

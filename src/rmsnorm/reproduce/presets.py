@@ -14,8 +14,9 @@
 - ``paper``: closer to the paper's sizes, for a GPU (not run here).
 
 Every task's size is its own dataclass (the fields its model reads) on top of :class:`Schedule`.
-``lrs`` is the grid each variant's learning rate is chosen from, on the task's dev split with seed 0; an
-empty grid trains at ``lr``.
+``lrs`` is the grid each variant's learning rate is chosen from, on the task's dev split with seed 0, grown
+beyond an end where a variant's best rate is there (:mod:`rmsnorm.reproduce.lrgrid`); an empty grid trains
+at ``lr``.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 from ..host import pyplot
 from . import stats as S
 from .atomic import atomic_file, atomic_json, atomic_text
+from .lrgrid import GRID_EXTENSIONS
 from .norms import TIMING_VARIANTS, VARIANTS
 from .paper import PAPER
 from .tasks import TASK_TITLES, TASKS, metric_of
@@ -317,15 +318,16 @@ def _task_sections(out: Path, raw: dict) -> list[str]:
         grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
         if grid:
             metric = metric_of(task)
-            lrs = sorted({r["lr"] for r in grid})
             chosen = raw["lr"].get(task, {})
-            edge = [v for v in VARIANTS if chosen.get(v) is not None and len(lrs) > 1
-                    and chosen[v] in (lrs[0], lrs[-1])]
-            lines += ["", "Learning rate per variant, chosen on the dev split (seed 0): " + "; ".join(
-                f"{v}: " + ", ".join(f"{r['lr']:g} → {r['dev'][metric]}" for r in grid if r["variant"] == v)
-                for v in VARIANTS if any(r["variant"] == v for r in grid)) + "."
-                + (f" Chosen at an end of the grid ({', '.join(edge)}): a wider grid might find a better rate "
-                   "for those variants." if edge else "")]
+            by_variant = {v: sorted((r for r in grid if r["variant"] == v), key=lambda r: r["lr"]) for v in VARIANTS}
+            edge = [v for v, rs in by_variant.items() if chosen.get(v) is not None and len(rs) > 1
+                    and chosen[v] in (rs[0]["lr"], rs[-1]["lr"])]
+            lines += ["", "Learning rate per variant, chosen on the dev split (seed 0; a variant's grid grows by "
+                      f"up to {GRID_EXTENSIONS} rates beyond an end where its best rate is there): " + "; ".join(
+                          f"{v}: " + ", ".join(f"{r['lr']:g} → {r['dev'][metric]}" for r in rs)
+                          for v, rs in by_variant.items() if rs) + "."
+                      + (f" Still at an end of its grid ({', '.join(edge)}): a wider grid might find a better "
+                         "rate there." if edge else "")]
         trivial = _json(out / "trivial" / f"{task}.json")
         if trivial:
             lines += ["", "Trivial baseline: " + ", ".join(f"{k} {val}" for k, val in trivial.items()) + "."]
