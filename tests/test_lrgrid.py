@@ -33,4 +33,4 @@ def test_a_grid_grows_only_where_a_variant_needs_it():
     assert len(calls) == 1 + GRID_EXTENSIONS
     assert calls[1] == [("rmsnorm", 0, 8e-3, True), ("prmsnorm", 0, 8e-3, True)]
     assert calls[2] == [("rmsnorm", 0, 1.6e-2, True), ("prmsnorm", 0, 1.6e-2, True)]
-    assert all(dev for _, s, _, dev in calls[0]) and {s for run in sum(calls, []) for s in [run[1]]} == {0}
+    assert all(run[3] for batch in calls for run in batch) and {run[1] for batch in calls for run in batch} == {0}
