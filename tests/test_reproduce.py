@@ -130,6 +130,8 @@ def test_a_folder_trained_with_other_settings_is_refused(tmp_path, monkeypatch, 
     assert reproduce_main(_args(out, tasks="image-mlp", variants="rmsnorm", steps=4)) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "image-mlp runs trained with other settings: steps 6 (now 4)" in err
+    assert reproduce_main(_args(out, tasks="image-mlp", variants="rmsnorm", steps=4, dry_run=True)) == 2
+    assert "steps 6 (now 4)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in (out / "runs").rglob("result.json")} == results
     smoke = presets.PRESETS["smoke"]
     mlp = smoke.tasks["image-mlp"]

@@ -121,6 +121,9 @@ def _main(args: argparse.Namespace) -> int:
         raise UsageError(f"--jobs {jobs} is more than the {torch.get_num_threads()} threads torch uses here "
                          "(every run needs at least one)")
     runs = [(t, v, s, lr) for t in tasks for v in variants for s, lr in _schedule(preset.tasks[t], preset.seeds)]
+    backend = args.backend or _auto_backend(args.device)
+    trained = {t: _trained_with(preset, t, args.device, backend) for t in tasks}
+    _check_folder(out, trained)  # before anything is written (a plan says so too)
     if args.dry_run:
         print(f"preset {preset.name} ({preset.data} data), {preset.seeds} seed(s), output {out}")
         print(f"  norm-level timing at every task's shapes, fused and unfused: up to {preset.norm_timing_s:.0f} s")
@@ -143,15 +146,12 @@ def _main(args: argparse.Namespace) -> int:
     from .tasks import make_task
 
     dd = Dist(args.device)
-    backend = args.backend or _auto_backend(args.device)
     meta = {"preset": preset.name, "command": command_line("reproduce"),
             "machine": cpu_model() if args.device == "cpu" else torch.cuda.get_device_name(),
             "threads": torch.get_num_threads(), "torch": torch.__version__,
             "backend": backend, "world_size": dd.world, "allocator": allocator(),
             "started": time.strftime("%Y-%m-%d %H:%M %Z"), "tasks": tasks, "variants": variants, "jobs": jobs,
             "threads_per_run": torch.get_num_threads() // jobs}
-    trained = {t: _trained_with(preset, t, args.device, backend) for t in tasks}
-    _check_folder(out, trained)
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
         old = _read_meta(out)
