@@ -134,7 +134,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"  {t}: {len(variants)} variants x {preset.seeds} seeds x {size.steps} steps (batch {size.batch})"
                   f"{grid}, then at least {preset.timing_rounds} timing rounds x {preset.timing_steps} steps")
         done = sum(finished(out, t, v, s, lr) for t, v, s, lr in runs)
-        print(f"  at most {len(runs)} training runs, {done} already finished (they are not trained again); "
+        most = len(runs) + sum(GRID_EXTENSIONS * len(variants) for t in tasks if preset.tasks[t].lrs)
+        print(f"  at most {most} training runs, {done} already finished (they are not trained again); "
               f"{jobs} at a time, {torch.get_num_threads() // jobs} thread(s) each")
         return 0
     _maybe_tcmalloc(getattr(args, "allocator", "current"))
