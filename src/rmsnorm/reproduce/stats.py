@@ -5,8 +5,8 @@ initialisation stream), time by round (the variants take turns within a round). 
 mean of the paired differences with a two-sided 95% Student-t confidence interval. A time comparison is the
 20%-trimmed mean of the paired log ratios with its Tukey-McLaughlin interval (:func:`trimmed_mean_ci`):
 timing on a shared machine has heavy tails (a round the operating system interrupted is off by tens of
-percent while half of the rounds lie within a few percent of the median), and trimming keeps a handful of such rounds from setting the
-width of the interval. One pair gives no interval.
+percent while half of the rounds lie within a few percent of the median), and trimming keeps a handful of
+such rounds from setting the width of the interval. One pair gives no interval.
 
 The claims (Zhang & Sennrich 2019) and how each comparison decides them:
 
