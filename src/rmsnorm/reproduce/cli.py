@@ -123,7 +123,8 @@ def _main(args: argparse.Namespace) -> int:
     runs = [(t, v, s, lr) for t in tasks for v in variants for s, lr in _schedule(preset.tasks[t], preset.seeds)]
     backend = args.backend or _auto_backend(args.device)
     trained = {t: _trained_with(preset, t, args.device, backend) for t in tasks}
-    _check_folder(out, trained)  # before anything is written (a plan says so too)
+    old = _read_meta(out)
+    _check_folder(out, old, trained)  # before anything is written (a plan says so too)
     if args.dry_run:
         print(f"preset {preset.name} ({preset.data} data), {preset.seeds} seed(s), output {out}")
         print(f"  norm-level timing at every task's shapes, fused and unfused: up to {preset.norm_timing_s:.0f} s")
@@ -155,7 +156,6 @@ def _main(args: argparse.Namespace) -> int:
             "threads_per_run": torch.get_num_threads() // jobs}
     if dd.main:
         out.mkdir(parents=True, exist_ok=True)
-        old = _read_meta(out)
         atomic_json(out / "meta.json", {**meta, "preset_config": {**old.get("preset_config", {}),
                                                                   **{t: asdict(preset.tasks[t]) for t in tasks}},
                                         "trained_with": {**old.get("trained_with", {}), **trained}})
@@ -289,10 +289,10 @@ def _read_meta(out: Path) -> dict:
         return {}
 
 
-def _check_folder(out: Path, trained: dict[str, dict]) -> None:
-    """Refuse to resume into a folder whose finished runs of a task were trained with other settings (a
-    resumed command keeps finished runs, so they would be mixed with new ones in one report)."""
-    old = _read_meta(out)
+def _check_folder(out: Path, old: dict, trained: dict[str, dict]) -> None:
+    """Refuse to resume into ``out`` (its meta.json read as ``old``) when its finished runs of a task were
+    trained with other settings (a resumed command keeps finished runs, so they would be mixed with new
+    ones in one report)."""
     for task, now in trained.items():
         before = old.get("trained_with", {}).get(task)
         if before is None and task in old.get("preset_config", {}):  # written before settings were recorded
