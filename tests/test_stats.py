@@ -96,7 +96,7 @@ def test_trimmed_mean_ci_by_hand_and_at_zero_trim():
 
 
 @given(st.lists(st.floats(-100, 100, allow_nan=False), min_size=5, max_size=40),
-       st.sampled_from([0.1, 0.2, 0.3]))
+       st.sampled_from([0.0, 0.1, 0.2, 0.3]))
 def test_trimmed_mean_ci_matches_a_second_implementation(xs, g):
     t = S.trimmed_mean_ci(xs, g)
     m, half = _trimmed_by_hand(xs, g)

@@ -65,22 +65,16 @@ class Interval:
 
 
 def mean_ci(values: Sequence[float]) -> Interval:
-    n = len(values)
-    if n == 0:
-        return Interval(math.nan, -math.inf, math.inf, 0)
-    m = statistics.fmean(values)
-    if n < 2:
-        return Interval(m, -math.inf, math.inf, n)
-    half = t_quantile(n - 1) * statistics.stdev(values) / math.sqrt(n)
-    return Interval(m, m - half, m + half, n)
+    """Mean and its two-sided 95% Student-t CI: :func:`trimmed_mean_ci` with nothing trimmed."""
+    return trimmed_mean_ci(values, 0.0)
 
 
 def trimmed_mean_ci(values: Sequence[float], trim: float) -> Interval:
     """The ``trim``-trimmed mean (``k = floor(trim * n)`` values dropped at each end) and its two-sided 95% CI
     (Tukey & McLaughlin 1963; Wilcox, *Introduction to Robust Estimation and Hypothesis Testing*, 4.3):
     standard error ``s_w / ((1 - 2 trim) sqrt(n))`` from the standard deviation ``s_w`` of the values
-    winsorized at the same points, Student-t with ``n - 2k - 1`` degrees of freedom. ``trim = 0`` is
-    :func:`mean_ci`."""
+    winsorized at the same points, Student-t with ``n - 2k - 1`` degrees of freedom (with ``trim = 0``, the
+    plain t interval)."""
     if not 0.0 <= trim < 0.5:
         raise ValueError(f"trim must be in [0, 0.5), got {trim}")
     xs = sorted(values)
