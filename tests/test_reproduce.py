@@ -143,6 +143,24 @@ def test_a_folder_trained_with_other_settings_is_refused(tmp_path, monkeypatch, 
     assert set(json.loads((out / "meta.json").read_text())["trained_with"]) == {"image", "image-mlp"}
 
 
+def test_settings_recorded_later_take_their_earlier_values(tmp_path):
+    """A folder written before a setting was recorded was trained with that setting's earlier value: 512
+    held-out loss examples and the data files of that time. The Bible's file (and split) has changed since,
+    so its translation runs are refused; the images' file has not, so their runs resume."""
+    from rmsnorm.reproduce import cli, presets
+    from rmsnorm.reproduce.cli import UsageError
+
+    full = presets.PRESETS["full"]
+    now = {t: cli._trained_with(full, t, "cpu", "auto") for t in ("mt-gru", "image")}
+    earlier = {t: {k: v for k, v in w.items() if k not in ("data_file", "dev_loss_examples")}
+               for t, w in now.items()}
+    (tmp_path / "runs" / "image").mkdir(parents=True)
+    cli._check_folder(tmp_path, {"trained_with": earlier}, {"image": now["image"]})
+    (tmp_path / "runs" / "mt-gru").mkdir()
+    with pytest.raises(UsageError, match=r"mt-gru runs .*data_file 'bible.en-es.tsv' .*dev_loss_examples 512"):
+        cli._check_folder(tmp_path, {"trained_with": earlier}, {"mt-gru": now["mt-gru"]})
+
+
 def test_resume_after_interruption(tmp_path, monkeypatch):
     """Interrupt a run after 4 of 6 steps (KeyboardInterrupt), then resume: the run restarts from its
     checkpoint and ends exactly where an uninterrupted run ends."""

@@ -268,16 +268,31 @@ def _result_line(task: str, variant: str, seed: int, lr: float, res: dict, metri
     return f"{task} {variant} lr{lr:g} seed{seed}: {metric} {res.get(metric)}{dev} in {res['train_seconds']:.0f} s"
 
 
+def _recorded_later(task: str, before: dict) -> dict:
+    """The settings a folder written before they were recorded was trained with: 512 examples of held-out
+    loss, and the data files of that time (the Bible's split 1500 test / 1000 dev verses)."""
+    from .tasks import TASK_CLASSES, data_file
+
+    old_files = {"bible": "bible.en-es.tsv", "fashion": "fashion-mnist.npz"}
+    which = before.get("data")
+    file = old_files[TASK_CLASSES[task].dataset] if which == "full" else data_file(task, str(which))
+    return {"dev_loss_examples": 512, "data_file": file}
+
+
 # Task settings that do not change what a finished run holds: runs are kept per lr (so a grid can grow),
 # and checkpoints and log lines only change how often something is written.
 _NOT_BINDING = ("lr", "lrs", "ckpt_every", "log_every")
 
 
 def _trained_with(preset, task: str, device: str, backend: str) -> dict:
-    """What decides the numbers a finished run of ``task`` holds: its size and schedule, the data, the
-    device, autocast and the rmsnorm backend."""
+    """What decides the numbers a finished run of ``task`` holds: its size and schedule, the data (and the
+    file it is read from, whose name carries the held-out split), the device, autocast and the rmsnorm
+    backend."""
+    from .tasks import data_file
+
     size = {k: v for k, v in asdict(preset.tasks[task]).items() if k not in _NOT_BINDING}
-    return {**size, "data": preset.data, "device": device, "autocast": preset.autocast, "backend": backend}
+    return {**size, "data": preset.data, "data_file": data_file(task, preset.data), "device": device,
+            "autocast": preset.autocast, "backend": backend}
 
 
 def _read_meta(out: Path) -> dict:
@@ -295,7 +310,9 @@ def _check_folder(out: Path, old: dict, trained: dict[str, dict]) -> None:
     ones in one report)."""
     for task, now in trained.items():
         before = old.get("trained_with", {}).get(task)
-        if before is None and task in old.get("preset_config", {}):  # written before settings were recorded
+        if before is not None:
+            before = {**_recorded_later(task, before), **before}
+        elif task in old.get("preset_config", {}):  # written before settings were recorded
             before = {k: v for k, v in old["preset_config"][task].items() if k not in _NOT_BINDING}
             now = {k: v for k, v in now.items() if k in before}
         if before is None or not (out / "runs" / task).exists():

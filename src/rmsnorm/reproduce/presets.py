@@ -40,6 +40,7 @@ class Schedule:
     log_every: int = 10
     ckpt_every: int = 100
     dev_points: int = 10  # the held-out loss is measured at this many evenly spaced steps (convergence)
+    dev_loss_examples: int = 512  # dev examples of that held-out loss (at most the dev split's)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -115,7 +116,7 @@ PRESETS = {
     }, timing_rounds=2, timing_steps=1, timing_budget_s=0.0, norm_timing_s=0.5),
     "quick": Preset("quick", "full", 5, {
         "image-mlp": MLPSize(steps=3000, batch=128, lr=2e-3, lrs=(1e-3, 3e-3), hidden=256, decay=True,
-                             eval_examples=10000, log_every=25, ckpt_every=500),
+                             eval_examples=10000, log_every=25, ckpt_every=500, dev_loss_examples=5000),
         # the other tasks' sizes are the full preset's: the norm-level timing runs at their shapes
     }, timing_rounds=10, timing_steps=10, timing_budget_s=40.0, norm_timing_s=60.0, default_tasks=("image-mlp",),
        jobs=2),
@@ -134,17 +135,19 @@ PRESETS = {
     # fewest rounds fit (150 s left their trimmed CIs at +-1.1-2.0%); the other tasks stop earlier
     "full": Preset("full", "full", 3, {
         "mt-gru": GRUMTSize(steps=800, batch=64, lr=1e-2, lrs=(5e-3, 1e-2, 2e-2, 4e-2), hidden=64, emb=64,
-                            vocab=4000, max_len=24, decay=True, eval_examples=500, ckpt_every=200, log_every=20),
+                            vocab=4000, max_len=24, decay=True, eval_examples=1000, ckpt_every=200, log_every=20,
+                            dev_loss_examples=1000),
         "mt-transformer": TransformerMTSize(steps=1200, batch=64, lr=4e-3, lrs=(2e-3, 4e-3, 8e-3, 1.6e-2), d_model=64,
                                             ffn=256, heads=4, layers=2, vocab=4000, max_len=24, warmup=80, decay=True,
-                                            dropout=0.1, eval_examples=500, ckpt_every=200, log_every=20),
+                                            dropout=0.1, eval_examples=1000, ckpt_every=200, log_every=20,
+                                            dev_loss_examples=1000),
         "image": CNNSize(steps=6000, batch=64, lr=3e-3, lrs=(1e-3, 2.5e-3, 6e-3, 1.2e-2, 2.4e-2), c1=8, c2=16,
                          decay=True, eval_examples=10000, ckpt_every=500, log_every=25),
         "image-mlp": MLPSize(steps=3000, batch=128, lr=2e-3, lrs=(5e-4, 1e-3, 2e-3, 4e-3, 8e-3), hidden=256,
-                             decay=True, eval_examples=10000, log_every=25, ckpt_every=500),
+                             decay=True, eval_examples=10000, log_every=25, ckpt_every=500, dev_loss_examples=5000),
         "retrieval": RetrievalSize(steps=1000, batch=64, lr=1e-2, lrs=(2e-3, 5e-3, 1e-2, 2e-2), hidden=64, dim=64,
                                    emb=64, vocab=4000, max_len=24, decay=True, eval_examples=1000, ckpt_every=250,
-                                   log_every=25),
+                                   log_every=25, dev_loss_examples=1000),
     }, timing_rounds=10, timing_steps=3, timing_budget_s=240.0, norm_timing_s=120.0, jobs=2),
     "paper": Preset("paper", "full", 3, {
         "mt-gru": GRUMTSize(steps=20000, batch=80, lr=1e-3, hidden=512, emb=256, vocab=16000, max_len=64,

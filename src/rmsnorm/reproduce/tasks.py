@@ -120,7 +120,6 @@ def _subset(n: int, k: int) -> list[int]:
     return sorted(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False).tolist())
 
 
-DEV_LOSS_EXAMPLES = 512  # the dev examples of the held-out loss curve
 
 
 def held_out_loss(task: Any, model: Any, batches: list[tuple]) -> float:
@@ -145,6 +144,7 @@ class Translation:
     sets are random subsets of ``eval_examples`` of the remaining held-out verses."""
 
     metric = "BLEU"
+    dataset = "bible"
 
     def __init__(self, name: str, size: MTSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
@@ -193,7 +193,7 @@ class Translation:
 
     def dev_loss(self, model) -> float:
         if self._dev_batches is None:
-            n, b = min(DEV_LOSS_EXAMPLES, len(self.held_tgt["dev"])), self.size.batch
+            n, b = min(self.size.dev_loss_examples, len(self.held_tgt["dev"])), self.size.batch
             self._dev_batches = [self._pair_batch(self.data.held["dev"].src[i:i + b], self.held_tgt["dev"][i:i + b])
                                  for i in range(0, n, b)]
         return held_out_loss(self, model, self._dev_batches)
@@ -290,6 +290,7 @@ class Images:
     images are the dev split (never trained on); the test set is a random subset of ``eval_examples``."""
 
     metric = "test error %"
+    dataset = "fashion"
     dev_size = 5000
 
     def __init__(self, name: str, size: CNNSize | MLPSize, which: str, work: Path) -> None:
@@ -338,7 +339,7 @@ class Images:
 
     def dev_loss(self, model) -> float:
         xs, ys = self.held["dev"]
-        n = min(DEV_LOSS_EXAMPLES, len(ys))
+        n = min(self.size.dev_loss_examples, len(ys))
         return held_out_loss(self, model, [(xs[i:i + 256], ys[i:i + 256]) for i in range(0, n, 256)])
 
     def trivial_baseline(self) -> dict:
@@ -371,6 +372,12 @@ def norm_shapes(name: str, size: Schedule) -> dict[str, tuple[int, int]]:
         return {f"{name}: maps x 28*28 positions": (size.batch * size.c1, 28 * 28),
                 f"{name}: maps x 14*14 positions": (size.batch * size.c2, 14 * 14)}
     raise ValueError(f"no norm shapes for task {name!r}")
+
+
+def data_file(name: str, which: str) -> str:
+    """The name of the file task ``name`` reads its data from (``which``: "full" or "sample")."""
+    dataset = TASK_CLASSES[name].dataset
+    return (D.FILES if which == "full" else D.SAMPLES)[dataset]
 
 
 def metric_of(name: str) -> str:
