@@ -87,7 +87,7 @@ def test_report_and_outputs(smoke_run):
     for needle in ("## Verdicts", "C1:", "C2:", "C3:", "Norm-level time", "unfused", "paper: BLEU", "prmsnorm",
                    "torch-rmsnorm", "copy-source BLEU", "figures/image.png", "paper: R@1", "chance R@1",
                    "chosen on the dev split", "How much of a step", "held-out loss change",
-                   "runs converged", "Training runs converged"):
+                   "runs converged", "Training runs converged", "Evaluated on", "held-out loss measured on"):
         assert needle in report, needle
     res = json.loads((smoke_run / "results.json").read_text())
     assert {"raw", "comparisons", "verdicts", "rows"} <= set(res)

@@ -271,12 +271,13 @@ def _result_line(task: str, variant: str, seed: int, lr: float, res: dict, metri
 def _recorded_later(task: str, before: dict) -> dict:
     """The settings a folder written before they were recorded was trained with: 512 examples of held-out
     loss, and the data files of that time (the Bible's split 1500 test / 1000 dev verses)."""
+    from .presets import DEV_LOSS_EXAMPLES
     from .tasks import TASK_CLASSES, data_file
 
     old_files = {"bible": "bible.en-es.tsv", "fashion": "fashion-mnist.npz"}
     which = before.get("data")
     file = old_files[TASK_CLASSES[task].dataset] if which == "full" else data_file(task, str(which))
-    return {"dev_loss_examples": 512, "data_file": file}
+    return {"dev_loss_examples": DEV_LOSS_EXAMPLES, "data_file": file}
 
 
 # Task settings that do not change what a finished run holds: runs are kept per lr (so a grid can grow),

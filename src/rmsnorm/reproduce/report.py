@@ -21,7 +21,8 @@ from .atomic import atomic_file, atomic_json, atomic_text
 from .lrgrid import GRID_EXTENSIONS
 from .norms import TIMING_VARIANTS, VARIANTS
 from .paper import PAPER
-from .tasks import TASK_TITLES, TASKS, metric_of
+from .presets import DEV_LOSS_EXAMPLES
+from .tasks import TASK_CLASSES, TASK_TITLES, TASKS, metric_of
 
 MORE_METRICS = ("R@5", "R@10", "Es→En R@1", "Es→En R@5", "Es→En R@10", "median rank")
 CLAIMS = {
@@ -47,8 +48,9 @@ def collect(out: Path) -> dict:
               if p.stem != "norms" and not p.stem.endswith("-share")}
     shares = {p.stem.removesuffix("-share"): json.loads(p.read_text())
               for p in sorted((out / "timing").glob("*-share.json"))}
+    trained_with = (_json(out / "meta.json") or {}).get("trained_with", {})
     return {"runs": runs, "lr": lr, "step_timing": timing, "norm_timing": _json(out / "timing" / "norms.json"),
-            "norm_share": shares}
+            "norm_share": shares, "trained_with": trained_with}
 
 
 def _flatness(curve: list) -> float | None:
@@ -287,6 +289,22 @@ def markdown(out: Path, raw: dict, analysis: dict, meta: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _evaluated_on(raw: dict, task: str) -> list[str]:
+    """How many held-out examples the task's numbers rest on: test, dev, and the held-out loss curve's."""
+    runs = [r for r in raw["runs"] if r["task"] == task]
+    test = sorted({r["examples"] for r in runs if "examples" in r})
+    dev = sorted({r["dev"]["examples"] for r in runs if "examples" in r.get("dev", {})})
+    if not test:
+        return []
+    unit = "images" if TASK_CLASSES[task].dataset == "fashion" else "verse pairs"
+    text = f"Evaluated on {'/'.join(map(str, test))} test {unit}"
+    if dev:
+        curve = raw.get("trained_with", {}).get(task, {}).get("dev_loss_examples", DEV_LOSS_EXAMPLES)
+        text += (f"; learning rates chosen on {'/'.join(map(str, dev))} dev {unit}, the held-out loss measured on "
+                 f"{min(curve, dev[0])} of them")
+    return ["", text + "."]
+
+
 def _task_sections(out: Path, raw: dict) -> list[str]:
     lines: list[str] = []
     rows = _rows(raw)
@@ -315,6 +333,7 @@ def _task_sections(out: Path, raw: dict) -> list[str]:
                   "(no dropout) at the end against its value at 80% of the steps; both means over seeds. A run "
                   f"counts as converged when its held-out loss fell by less than {-CONVERGED_PCT:g}% over that "
                   "last fifth (a training loss can keep falling by memorizing the training set)."]
+        lines += _evaluated_on(raw, task)
         grid = [r for r in raw["runs"] if r["task"] == task and "dev" in r]
         if grid:
             metric = metric_of(task)
