@@ -96,6 +96,8 @@ def test_report_and_outputs(smoke_run):
     kinds = {c["kind"] for c in res["comparisons"]}
     assert kinds == {"quality", "step time", "norm time"}
     assert (smoke_run / "results.csv").read_text().startswith("task,variant")
+    # a tokenizer is cached under the name of the data it was trained on (a resplit corpus trains its own)
+    assert [p.name for p in (smoke_run / "work").glob("bpe-*")] == ["bpe-300-bible-sample.en-es.json"]
     for t in TASKS:
         assert (smoke_run / "figures" / f"{t}.png").stat().st_size > 1000
 

@@ -149,7 +149,9 @@ class Translation:
     def __init__(self, name: str, size: MTSize, which: str, work: Path) -> None:
         self.name, self.size = name, size
         corpus = D.load_bible(which)
-        tok = train_tokenizer(corpus["train"].src + corpus["train"].tgt, size.vocab, work / f"bpe-{size.vocab}.json")
+        source = data_file(name, which).split(".tsv")[0]  # a tokenizer belongs to its training split
+        tok = train_tokenizer(corpus["train"].src + corpus["train"].tgt, size.vocab,
+                              work / f"bpe-{size.vocab}-{source}.json")
         limit = size.max_len - 1  # room for BOS / EOS
 
         def pairs(split: str) -> list[tuple[list[int], list[int], str, str]]:
