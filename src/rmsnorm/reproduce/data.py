@@ -162,15 +162,20 @@ def load_fashion(which: str = "full") -> dict[str, np.ndarray]:
 
 # ------------------------------------------------------------------------------------------------ common
 
+def file_name(name: str, which: str) -> str:
+    """The name of data set ``name``'s file: the shipped sample's (``which="sample"``), else the prepared one's."""
+    return (SAMPLES if which == "sample" else FILES)[name]
+
+
 def _path(name: str, which: str) -> Path:
     """The file of data set ``name``: the shipped sample (``which="sample"``), else the prepared copy,
     prepared now if it is missing."""
     if which == "sample":
-        path = SAMPLE_DIR / SAMPLES[name]
+        path = SAMPLE_DIR / file_name(name, which)
         if not path.exists():
             raise DataMissing(f"the shipped sample {path} is missing (broken installation?)")
         return path
-    path = data_dir() / FILES[name]
+    path = data_dir() / file_name(name, which)
     return path if path.exists() else prepare((name,))[name]
 
 

@@ -120,8 +120,6 @@ def _subset(n: int, k: int) -> list[int]:
     return sorted(np.random.default_rng(EVAL_SEED).choice(n, size=k, replace=False).tolist())
 
 
-
-
 def held_out_loss(task: Any, model: Any, batches: list[tuple]) -> float:
     """Mean of ``task.loss`` over ``batches`` in eval mode (no dropout), on the model's device."""
     dev = _device(model)
@@ -378,8 +376,7 @@ def norm_shapes(name: str, size: Schedule) -> dict[str, tuple[int, int]]:
 
 def data_file(name: str, which: str) -> str:
     """The name of the file task ``name`` reads its data from (``which``: "full" or "sample")."""
-    dataset = TASK_CLASSES[name].dataset
-    return (D.FILES if which == "full" else D.SAMPLES)[dataset]
+    return D.file_name(TASK_CLASSES[name].dataset, which)
 
 
 def metric_of(name: str) -> str:
